@@ -1,0 +1,16 @@
+"""unitok: a unified discrete visual tokenizer (UniTok) with multi-codebook quantization."""
+from . import _torchvision_fix
+
+_torchvision_fix.apply()  # must run before anything imports timm / open_clip / torchvision
+
+from .config import ModelConfig, TrainConfig, PRESETS, get_preset  # noqa: E402
+from .quantizer import MultiCodebookQuantizer, QuantizerOutput  # noqa: E402
+from .projection import AttnProjection, LinearProjection  # noqa: E402
+from .model import UniTok, UniTokOutput  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = [
+    "ModelConfig", "TrainConfig", "PRESETS", "get_preset",
+    "MultiCodebookQuantizer", "QuantizerOutput", "AttnProjection", "LinearProjection",
+    "UniTok", "UniTokOutput",
+]

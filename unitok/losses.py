@@ -1,0 +1,44 @@
+"""UniTok's training objective: reconstruction + VQ + CLIP contrastive, with the reference's weights.
+
+    total = l1_weight * |x - x_hat|_1 + l2_weight * |x - x_hat|^2 + vq_weight * L_vq + clip_weight * L_clip
+
+(0.2, 1.0, 1.0, 1.0 in the reference; pixels in [-1, 1]). L_clip is open_clip's symmetric InfoNCE `ClipLoss`;
+under DDP it gathers features from every rank so the contrastive batch is the global batch.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .model import UniTokOutput
+
+
+class UniTokLoss:
+    """Callable: (UniTokOutput, images) -> dict of named scalar terms, with "total" the weighted sum."""
+
+    def __init__(self, config: ModelConfig, rank: int = 0, world_size: int = 1):
+        from open_clip import ClipLoss
+
+        self.config = config
+        # local_loss=False + gather_with_grad=True: every rank computes the loss over the global batch.
+        self.clip_loss = ClipLoss(local_loss=False, gather_with_grad=world_size > 1, cache_labels=True,
+                                  rank=rank, world_size=world_size)
+
+    def __call__(self, out: UniTokOutput, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        cfg = self.config
+        recon = out.reconstruction.float()
+        terms = {
+            "l1": F.l1_loss(recon, images),
+            "l2": F.mse_loss(recon, images),
+            "vq": out.vq_loss,
+        }
+        if out.text_features is not None and cfg.clip_weight:
+            terms["clip"] = self.clip_loss(out.image_features.float(), out.text_features.float(), out.logit_scale)
+        if out.entropy_loss is not None:
+            terms["entropy"] = out.entropy_loss.detach()  # already inside vq_loss, weighted; logged for insight
+        weights = {"l1": cfg.l1_weight, "l2": cfg.l2_weight, "vq": cfg.vq_weight, "clip": cfg.clip_weight}
+        terms["total"] = sum(weights[name] * value for name, value in terms.items() if name in weights)
+        return terms
