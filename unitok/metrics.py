@@ -635,6 +635,8 @@ class EfficientNetLite0Features(nn.Module):
         _load_state_dict_by_position(self.net, source, f"EfficientNet-Lite0 weights {weights_path.name}")
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        # Channels-last: its depthwise convolutions run ~2x faster on CPU (measured), and no slower on GPU.
+        self.net.to(memory_format=torch.channels_last)
         self.requires_grad_(False)   # a fixed measuring instrument (input gradients still flow, e.g. for a loss)
         self.eval()
 
@@ -649,7 +651,7 @@ class EfficientNetLite0Features(nn.Module):
         x = (images.float().clamp(-1, 1) + 1) / 2                                    # [0, 1]
         x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
                           align_corners=False)
-        return self.net((x - self.mean) / self.std)
+        return self.net(((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
 
 
 class InceptionFeatures(nn.Module):
@@ -663,7 +665,7 @@ class InceptionFeatures(nn.Module):
     Args:
         weights_path: the local .pth file.
         antialias: True (torchmetrics' FID default) resizes with PyTorch's bilinear; False uses torch-fidelity's
-            TensorFlow-1-compatible bilinear resize (bit-exact with torch-fidelity / TF FID).
+            TensorFlow-1-compatible bilinear resize (as torch-fidelity and TF FID compute it).
     """
 
     num_features = 2048
