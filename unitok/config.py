@@ -189,20 +189,45 @@ def apply_overrides(preset: Preset, overrides: list[str] | dict[str, Any]) -> Pr
     """
     items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
     model, train = to_dict(preset.model), to_dict(preset.train)
+    types = {**{f.name: f.type for f in fields(ModelConfig)}, **{f.name: f.type for f in fields(TrainConfig)}}
     for key, value in items:
         section, _, name = key.rpartition(".")
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass
         if section in ("model", "") and name in model:
-            model[name] = value
+            model[name] = _coerce(key, value, types[name], model[name])
         elif section in ("train", "") and name in train:
-            train[name] = value
+            train[name] = _coerce(key, value, types[name], train[name])
         else:
             raise ValueError(f"unknown setting {key!r}; model keys: {sorted(model)}; train keys: {sorted(train)}")
     return Preset(from_dict(ModelConfig, model), from_dict(TrainConfig, train))
+
+
+def _coerce(key: str, value: Any, type_name: Any, current: Any) -> Any:
+    """Parse an override to its field's type: "False" -> False, "1e3" -> 1000 for an int field only if integral."""
+    type_name = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
+    text = value.strip() if isinstance(value, str) else value
+    try:
+        if type_name == "bool":
+            if isinstance(text, bool):
+                return text
+            lowered = str(text).lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if type_name == "int":
+            number = float(text)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if type_name == "float":
+            return float(text)
+        if type_name == "tuple":
+            parsed = json.loads(text) if isinstance(text, str) else text
+            return tuple(float(v) for v in parsed)
+        return str(text)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise ValueError(f"setting {key!r} expects a {type_name} (currently {current!r}), got {value!r}") from None
 
 
 def _split_override(text: str) -> tuple[str, str]:

@@ -164,6 +164,12 @@ class UniTok(nn.Module):
 
     # ------------------------------------------------------------------ input checks
     def check_images(self, images: torch.Tensor) -> None:
+        """Shapes, dtype and finiteness of an image batch; ValueError naming what was expected."""
+        self._check_image_shape(images)
+        if images.device.type != "meta" and not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or Inf values; expected finite values in [-1, 1]")
+
+    def _check_image_shape(self, images: torch.Tensor) -> None:
         cfg = self.config
         expected = f"(B, {cfg.in_chans}, {cfg.image_size}, {cfg.image_size}) float images in [-1, 1]"
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
@@ -176,8 +182,6 @@ class UniTok(nn.Module):
                              f"expected {expected}")
         if (h, w) != (cfg.image_size, cfg.image_size):
             raise ValueError(f"expected {expected}, got {h}x{w} images (resize them to {cfg.image_size} px)")
-        if images.device.type != "meta" and not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or Inf values; expected finite values in [-1, 1]")
 
     def check_codes(self, codes: torch.Tensor) -> None:
         cfg = self.config
@@ -265,8 +269,9 @@ class UniTok(nn.Module):
         """Everything the losses need, from one pass: reconstruction, VQ loss, codes and both CLIP features.
 
         The reconstruction and the image feature use the straight-through z_q, so gradients reach the encoder.
-        No host sync happens here (input checks are for the public inference methods).
+        Shapes are checked (free); values are not (that would cost a host sync per step; the trainer checks losses).
         """
+        self._check_image_shape(images)
         q = self.quantize(images)
         tokens = self.post_quant_proj(q.z_q)
         text_features = self.encode_text(texts) if texts is not None else None

@@ -109,7 +109,9 @@ class MultiCodebookQuantizer(nn.Module):
             if self.entropy_weight > 0:
                 entropy_loss = self._entropy_loss(chunks, codebooks)
                 loss = loss + self.entropy_weight * entropy_loss
-            z_q = chunks + (z_q - chunks).detach()                                              # straight-through
+            # Straight-through: the value is exactly the code (so lookup(codes) == z_q bit for bit), the gradient
+            # is the identity to the normalised chunk.
+            z_q = z_q.detach() + (chunks - chunks.detach())
             counts = self.count_codes(codes)
             if self.training and self.dead_code_restart_every:
                 self._maybe_restart_dead_codes(chunks.detach(), counts)
@@ -130,7 +132,7 @@ class MultiCodebookQuantizer(nn.Module):
         if codes.ndim == 0 or codes.shape[-1] != self.num_codebooks:
             raise ValueError(f"codes must have shape (..., {self.num_codebooks}) (one code per sub-codebook), "
                              f"got {tuple(codes.shape)}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+        if codes.numel() and codes.device.type != "meta" and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
             raise ValueError(f"codes must lie in [0, {self.codebook_size}), got values in "
                              f"[{int(codes.min())}, {int(codes.max())}]")
 

@@ -1,0 +1,439 @@
+"""Tests for unitok_widgets: every view driven from Python (buttons clicked, sliders moved, dropdowns changed) on a
+tiny random-weight model. CPU, deterministic, about half a minute for the whole file."""
+import dataclasses
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import unitok  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
+
+pytest.importorskip("ipywidgets")
+pytest.importorskip("plotly")
+pytest.importorskip("anywidget")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+from matplotlib.figure import Figure  # noqa: E402
+from plotly.callbacks import Points  # noqa: E402
+
+import unitok_widgets as UW  # noqa: E402
+from unitok import UniTok, get_preset  # noqa: E402
+from unitok import metrics as M  # noqa: E402
+from unitok.data import ShapesDataset  # noqa: E402
+from unitok.train import Trainer  # noqa: E402
+from unitok_widgets import embeddings as embeddings_module  # noqa: E402
+
+# Small enough that a training step takes tens of milliseconds; k = 4 sub-codebooks of K = 64 codes, 8 x 8 tokens.
+SHRINK = dict(width=64, encoder_depth=1, decoder_depth=1, num_heads=2, latent_dim=16, num_codebooks=4,
+              codebook_size=64, text_width=32, text_layers=1, text_heads=2, context_length=16)
+K, k, G = 64, 4, 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: these models are too small to gain from two, and on a shared 2-core machine two
+    threads contend (steps get ~5x slower). Restored afterwards for the other test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return UniTok(dataclasses.replace(get_preset("tiny").model, **SHRINK)).eval()
+
+
+@pytest.fixture(scope="module")
+def other_model():
+    torch.manual_seed(1)
+    return UniTok(dataclasses.replace(get_preset("tiny").model, **SHRINK)).eval()
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return ShapesDataset(32, split="test", length=48, max_objects=1)
+
+
+@pytest.fixture(scope="module")
+def images(dataset):
+    return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    overrides = [f"{key}={value}" for key, value in SHRINK.items()]
+    overrides += ["batch_size=8", "eval_images=16", "log_every=2", "eval_every=0", "checkpoint_every=0"]
+    return Trainer.from_preset("tiny", data="shapes", overrides=overrides)
+
+
+def assert_figure(fig):
+    assert isinstance(fig, Figure) and fig.axes
+
+
+def click(trace, xs=(), ys=(), inds=()):
+    """What plotly's FigureWidget passes to an on_click callback."""
+    return Points(point_inds=list(inds), xs=list(xs), ys=list(ys), trace_name=trace.name, trace_index=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TrainingDashboard
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_dashboard_train_draws_every_curve(trainer):
+    dash = UW.TrainingDashboard(trainer)
+    try:
+        start = trainer.step_count
+        dash.train(3)
+        assert trainer.step_count == start + 3
+        for name, trace in dash.loss_traces.items():
+            assert len(trace.x) == len(trace.y) == 3, name
+        assert list(dash.loss_traces["loss"].y) == pytest.approx([m["loss"] for m in trainer.history])
+        assert list(dash.psnr_trace.y) == pytest.approx([m["psnr_batch"] for m in trainer.history])
+        assert len(dash.lr_trace.y) == 3
+        logged = [m["step"] for m in trainer.history if "usage" in m]       # steps 1 and 2 (log_every=2)
+        assert np.asarray(dash.usage_heatmap.z).shape == (k, len(logged))
+        assert list(dash.usage_heatmap.x) == logged
+        assert len(dash.dead_traces) == k and all(len(t.y) == len(logged) for t in dash.dead_traces)
+        assert list(dash.dead_traces[0].y) == [m["dead"][0] for m in trainer.history if "usage" in m]
+        assert "step <b>3</b>" in dash.status.value
+        assert_figure(dash.static_figure())
+    finally:
+        dash.close()
+
+
+def test_dashboard_run_button_trains_steps_box_count_in_background(trainer):
+    dash = UW.TrainingDashboard(trainer)
+    try:
+        start = trainer.step_count
+        dash.steps.value = 2
+        dash.run_button.click()
+        assert dash.thread is not None
+        assert dash.wait(120)
+        assert trainer.step_count == start + 2
+        assert len(dash.loss_traces["loss"].y) == len(trainer.history)        # the final redraw shows the last step
+        assert not dash.run_button.disabled and dash.pause_button.disabled
+        dash.step_button.click()                                               # Step = one step, same machinery
+        assert dash.wait(120) and trainer.step_count == start + 3
+    finally:
+        dash.close()
+
+
+def test_dashboard_pause_stops_the_thread_and_never_runs_two(trainer):
+    dash = UW.TrainingDashboard(trainer)
+    try:
+        start = trainer.step_count
+        dash.steps.value = 1000
+        assert dash.start()
+        assert not dash.start(), "a second worker must not start while one runs"
+        deadline = time.time() + 60
+        while trainer.step_count == start and time.time() < deadline:
+            time.sleep(0.01)
+        assert dash.running and not dash.pause_button.disabled
+        dash.pause_button.click()
+        assert dash.wait(60) and not dash.running
+        assert start < trainer.step_count < start + 1000
+        assert "paused" in dash.status.value and not dash.run_button.disabled
+        assert dash.start(1000)
+        with pytest.raises(RuntimeError):        # a synchronous train() refuses while a worker runs
+            dash.train(1)
+        dash.pause()
+        assert dash.wait(60)
+    finally:
+        dash.close()
+
+
+def test_dashboard_eval_callback_adds_psnr_point(trainer):
+    dash = UW.TrainingDashboard(trainer)
+    try:
+        results = trainer.evaluate(max_images=16)
+        assert list(dash.eval_trace.x) == [trainer.step_count]
+        assert list(dash.eval_trace.y) == pytest.approx([results["psnr"]])
+        assert "eval @" in dash.status.value
+    finally:
+        dash.close()
+    assert dash._on_step not in trainer.callbacks["step"]            # close() detached the dashboard
+
+
+def test_dashboard_shows_errors_and_stops():
+    class Failing:
+        """The trainer surface the dashboard uses, failing at the second step."""
+        model_config = types.SimpleNamespace(num_codebooks=2, codebook_size=8)
+        config = types.SimpleNamespace(eval_every=0, checkpoint_every=0)
+
+        def __init__(self):
+            self.history, self.step_count, self.callbacks = [], 0, {"step": [], "eval": []}
+
+        def add_callback(self, event, fn):
+            self.callbacks[event].append(fn)
+
+        def step(self):
+            if self.step_count == 1:
+                raise FloatingPointError("loss became nan")
+            self.step_count += 1
+            m = {"step": 1, "lr": 1e-3, "loss": 1.0, "l1": 0.1, "l2": 0.1, "vq": 0.1, "clip": 0.7,
+                 "psnr_batch": 12.0, "seconds": 0.01, "usage": [0.5, 0.25], "dead": [4, 6],
+                 "usage_window_tokens": 64}
+            self.history.append(m)
+            for fn in self.callbacks["step"]:
+                fn(self, m)
+            return m
+
+    fake = Failing()
+    dash = UW.TrainingDashboard(fake)
+    dash.steps.value = 5
+    dash.run_button.click()
+    assert dash.wait(30)
+    assert fake.step_count == 1 and isinstance(dash.last_error, FloatingPointError)
+    assert "loss became nan" in "".join(o.get("text", "") for o in dash.output.outputs)
+    assert "error" in dash.status.value and not dash.run_button.disabled
+    with pytest.raises(FloatingPointError):
+        dash.train(3)
+
+
+def test_dashboard_ui_overhead_under_ten_percent(trainer):
+    dash = UW.TrainingDashboard(trainer)                 # the default throttle: one redraw per second at most
+    try:
+        dash.train(20)
+        t = dash.timings
+        assert t["steps"] >= 20 and t["step_seconds"] > 0 and t["redraws"] >= 1
+        print(f"\nUI overhead over {t['steps']} steps: {100 * dash.ui_overhead():.2f} % "
+              f"({t['ui_seconds'] * 1000:.1f} ms UI / {t['step_seconds']:.2f} s in trainer.step, "
+              f"{t['redraws']} redraws)")
+        assert 0 < dash.ui_overhead() < 0.10
+    finally:
+        dash.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CodebookUsage
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_codebook_usage_from_model_matches_codebook_stats(model, dataset, images):
+    view = UW.CodebookUsage(model, dataset)
+    codes = model.encode(images)
+    expected = M.codebook_stats(codes, K)
+    assert view.window_tokens == len(dataset) * G * G == expected["window_tokens"]
+    assert view.stats["usage"] == expected["usage"] and view.stats["dead"] == expected["dead"]
+    assert view.stats["perplexity"] == pytest.approx(expected["perplexity"])
+    assert f"N = {view.window_tokens:,} tokens" in view.table.value
+    assert np.asarray(view.mi_figure.data[0].z).shape == (k, k)
+    assert len(view.overview_figure.data) == k + 1                      # k curves + the uniform line
+    # the dropdown picks the detail plot's sub-codebook: sorted frequencies of that sub-codebook
+    view.codebook.value = 2
+    counts = np.bincount(codes[..., 2].flatten().numpy(), minlength=K)
+    used = np.sort(counts[counts > 0])[::-1]
+    assert np.allclose(view.detail_figure.data[0].y, used / view.window_tokens)
+    assert "sub-codebook 2" in view.detail_figure.layout.title.text
+    assert view.overview_figure.data[2].line.width > view.overview_figure.data[0].line.width
+    assert_figure(view.static_figure())
+
+
+def test_codebook_usage_from_codes_stats_and_window(model, images):
+    codes = model.encode(images)
+    with pytest.raises(ValueError, match="codebook_size"):
+        UW.CodebookUsage(codes)
+    view = UW.CodebookUsage(codes, codebook_size=K, window=100)
+    assert view.window_tokens == 100 and view.counts.sum(1).tolist() == [100] * k
+    stats_view = UW.CodebookUsage(M.codebook_stats(codes, K))
+    assert stats_view.counts is None and stats_view.codebook_size == K
+    stats_view.codebook.value = 1
+    assert_figure(stats_view.static_figure())
+    windowed = UW.CodebookUsage(model, images, window=G * G * 3)       # 3 images' worth of tokens
+    assert windowed.window_tokens == 192
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ReconstructionViewer
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_reconstruction_viewer_slider_updates_psnr_and_images(model, dataset):
+    viewer = UW.ReconstructionViewer(model, dataset)
+    first_png = viewer.panels["reconstruction"][1].value
+    viewer.index.value = 3
+    x = dataset[3]["image"][None]
+    with torch.no_grad():
+        expected = float(M.psnr(model.reconstruct(x).clamp(-1, 1), x, reduction="none")[0])
+    assert viewer.result["index"] == 3 and viewer.result["psnr"] == pytest.approx(expected, abs=1e-4)
+    assert f"{expected:.2f} dB" in viewer.panels["reconstruction"][0].value
+    assert viewer.panels["reconstruction"][1].value != first_png
+    assert torch.equal(viewer.result["original"], dataset[3]["image"])
+    assert viewer.result["error_map"].shape == (32, 32, 3)
+    assert viewer.compare.disabled                                     # no other model given
+    assert_figure(viewer.static_figure())
+
+
+def test_reconstruction_viewer_ablation_and_compare(model, other_model, dataset):
+    viewer = UW.ReconstructionViewer(model, dataset, other_model=other_model, ablation_batch=16)
+    assert viewer.panels["ablated"][2].layout.display == "none"
+    viewer.index.value = 2
+    viewer.ablate.value = 1
+    r = viewer.result
+    assert r["ablated"] is not None and viewer.panels["ablated"][2].layout.display is None
+    assert not torch.equal(r["ablated"], r["reconstruction"])          # replacing one chunk changes pixels
+    # most frequent code over the first batch, replacing sub-codebook 1 everywhere
+    codes = model.encode(torch.stack([dataset[i]["image"] for i in range(16)]))
+    top = int(torch.bincount(codes[..., 1].flatten(), minlength=K).argmax())
+    assert int(viewer.most_frequent[1]) == top
+    ablated_codes = r["codes"][None].clone()
+    ablated_codes[..., 1] = top
+    x = dataset[2]["image"][None]
+    with torch.no_grad():
+        expected = float(M.psnr(model.decode(ablated_codes).clamp(-1, 1), x, reduction="none")[0])
+    assert r["psnr_ablated"] == pytest.approx(expected, abs=1e-4)
+    assert f"−{r['psnr'] - r['psnr_ablated']:.2f} dB" in viewer.info.value
+    viewer.mode.value = "random codes"
+    assert not torch.equal(viewer.result["ablated"], r["ablated"])
+    viewer.compare.value = True
+    with torch.no_grad():
+        other = float(M.psnr(other_model.reconstruct(x).clamp(-1, 1), x, reduction="none")[0])
+    assert viewer.result["psnr_other"] == pytest.approx(other, abs=1e-4)
+    assert viewer.panels["other"][2].layout.display is None
+    viewer.drops_button.click()
+    assert len(viewer.drops["drops"]) == k and len(viewer.drops_figure.data[0].y) == k
+    assert_figure(viewer.static_figure())
+
+
+TRAINED = Path(__file__).resolve().parents[1] / "data" / "tiny-shapes"
+
+
+@pytest.mark.skipif(not (TRAINED / "model.safetensors").exists(), reason="no bundled trained checkpoint")
+def test_ablation_lowers_psnr_on_a_trained_model():
+    trained = UniTok.from_pretrained(TRAINED).eval()
+    data = ShapesDataset(trained.config.image_size, split="test", length=16)
+    viewer = UW.ReconstructionViewer(trained, data, ablation_batch=16)
+    drops = viewer.ablation_drops("random codes")["drops"]
+    assert min(drops) > 0, drops
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TokenEmbeddingExplorer
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_embedding_explorer_pca_usage_colours_and_gallery(model, dataset, images):
+    explorer = UW.TokenEmbeddingExplorer(model, dataset, num_images=32, method="pca", max_patches=10)
+    codes = model.encode(images[:32])
+    counts0 = np.bincount(codes[..., 0].flatten().numpy(), minlength=K)
+    assert len(explorer.points.x) == K and len(explorer.points.y) == K
+    assert list(explorer.points.marker.color) == counts0.tolist()
+    vectors = model.quantizer.normalized_codebooks()[0].detach().numpy()
+    assert np.allclose(explorer.points.x, embeddings_module.pca_2d(vectors)[:, 0])
+    # the explorer starts on the most used code; choose a rarer used one through the code box
+    rare = int(np.flatnonzero(counts0 == counts0[counts0 > 0].min())[0])
+    explorer.code.value = rare
+    assert explorer.gallery_total == counts0[rare] and explorer.gallery_count == min(10, counts0[rare])
+    assert len(explorer.gallery_positions) == explorer.gallery_count and explorer.gallery.value
+    for b, r, c in explorer.gallery_positions:
+        assert int(codes[b, r, c, 0]) == rare
+    # clicking a point selects its code
+    busiest = int(counts0.argmax())
+    explorer._on_click(explorer.points, click(explorer.points, inds=[busiest]), None)
+    assert explorer.code.value == busiest and explorer.gallery_count == min(10, counts0[busiest])
+    assert list(explorer.highlight.x) == [explorer.points.x[busiest]]
+    # another sub-codebook: its own points and colours
+    explorer.codebook.value = 3
+    counts3 = np.bincount(codes[..., 3].flatten().numpy(), minlength=K)
+    assert list(explorer.points.marker.color) == counts3.tolist()
+    assert explorer.code.value == int(counts3.argmax())
+    assert all(key[0] == "PCA" for key in explorer._cache)             # method="pca" never ran UMAP
+    explorer.show_context.value = True
+    assert_figure(explorer.static_figure())
+
+
+def test_embedding_explorer_umap_runs_in_background(model, dataset, monkeypatch):
+    """The UMAP path with a stand-in for umap_2d (the real one costs ~20 s on a fresh interpreter)."""
+    import threading
+
+    gate = threading.Event()
+
+    def fake_umap(vectors, seed=0, **kwargs):
+        gate.wait(10)                                   # still "computing" until the test lets it finish
+        return embeddings_module.pca_2d(vectors) * 2 + 1
+
+    monkeypatch.setattr(embeddings_module, "umap_2d", fake_umap)
+    explorer = UW.TokenEmbeddingExplorer(model, dataset, num_images=8, method="umap")
+    assert explorer.shown_method == "PCA" and "computing UMAP" in explorer.status.value   # instant preview
+    gate.set()
+    explorer.wait(10)
+    assert explorer.shown_method == "UMAP"
+    expected = embeddings_module.pca_2d(model.quantizer.normalized_codebooks()[0].detach().numpy()) * 2 + 1
+    assert np.allclose(explorer.points.x, expected[:, 0])
+    explorer.method.value = "PCA"                       # cached projections: switching back is instant
+    assert explorer.shown_method == "PCA"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TokenGrid
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_token_grid_click_shows_the_patch_codes(model, dataset):
+    item = dataset[5]
+    grid = UW.TokenGrid(model, item)
+    codes = model.encode(item["image"][None])[0]
+    assert grid.codes.shape == (G, G, k)
+    assert np.array_equal(np.asarray(grid.heatmap.z), codes[..., 0].numpy())
+    grid._on_click(grid.heatmap, click(grid.heatmap, xs=[5], ys=[3]), None)   # x = column, y = row
+    assert (grid.row.value, grid.col.value) == (3, 5)
+    assert grid.selected_codes == codes[3, 5].tolist()
+    for code in codes[3, 5].tolist():
+        assert f"<b>{code}</b>" in grid.table.value
+    box = grid.figure.layout.shapes[-1]
+    assert (box.x0, box.y0) == (4.5, 2.5)
+    grid.row.value, grid.col.value = 7, 0                          # the slider fallback
+    assert grid.selected_codes == codes[7, 0].tolist()
+    grid.codebook.value = 2
+    assert np.array_equal(np.asarray(grid.heatmap.z), codes[..., 2].numpy())
+    grid.opacity.value = 0.5
+    assert grid.overlay.opacity == 0.5
+    assert_figure(grid.static_figure())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ZeroShotPanel
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_zero_shot_ranking_equals_direct_computation(model, dataset):
+    panel = UW.ZeroShotPanel(model, dataset, num_images=12)
+    assert panel.classnames == list(ShapesDataset.SHAPES)              # the dataset's first task by default
+    panel.classes.value = "circle\nsquare\ntriangle\nred star"
+    panel.templates.value = "a photo of a {}.\na drawing of a {}."
+    panel.index.value = 4
+
+    classifier = M.zero_shot_classifier(model, ["circle", "square", "triangle", "red star"],
+                                        ["a photo of a {}.", "a drawing of a {}."])
+    with torch.no_grad():
+        feature = model.encode_image(dataset[4]["image"][None])
+    probs = (100 * feature @ classifier).softmax(-1)[0]
+    order = probs.argsort(descending=True).tolist()
+    names = ["circle", "square", "triangle", "red star"]
+    ranking = panel.ranking
+    assert [n for n, _ in ranking] == [names[j] for j in order]
+    assert [p for _, p in ranking] == pytest.approx([float(probs[j]) for j in order], abs=1e-5)
+    assert list(panel.bars.y) == [names[j] for j in order]
+    assert list(panel.bars.x) == pytest.approx([float(probs[j]) for j in order], abs=1e-5)
+    assert len(panel.predict([0, 1, 2])) == 3
+
+    before = panel.classifier.clone()
+    panel.templates.value = "no placeholder here"                       # a bad template: shown, not raised
+    assert "{}" in panel.error.value and torch.equal(panel.classifier, before)
+    assert_figure(panel.static_figure([0, 4]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# layering
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_unitok_never_imports_widget_libraries():
+    code = ("import sys, unitok, unitok.train, unitok.metrics, unitok.data\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('ipywidgets', 'plotly', 'unitok_widgets', 'anywidget', 'IPython'))\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

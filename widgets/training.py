@@ -1,0 +1,459 @@
+"""TrainingDashboard: Run / Pause / Step a `unitok.train.Trainer` from Jupyter and watch it learn.
+
+    >>> trainer = Trainer.from_preset("tiny", data="shapes", overrides=["eval_images=256", "log_every=10"])
+    >>> dash = TrainingDashboard(trainer)
+    >>> dash                      # Run trains in a background thread: the kernel stays free to inspect the model
+    >>> dash.train(20)            # or block until 20 steps are done (tests, smoke runs)
+    >>> dash.ui_overhead()        # measured time spent redrawing / time spent in trainer.step
+
+What it reads: `trainer.history` (one metrics dict per step), the "eval" callback's results (and
+`trainer.eval_history` for evaluations made before the dashboard existed), `trainer.model_config` and
+`trainer.config`. What it calls: `trainer.step()`, `trainer.evaluate()`, `trainer.save_checkpoint()`.
+
+Cost: the step callback only checks a clock; figures are redrawn at most once per `redraw_every_s`, all traces in
+one `batch_update()` message, with long curves thinned to `max_points`. The time spent in that code and the time
+spent in `trainer.step()` are both measured, and their ratio is `ui_overhead()`.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+import traceback
+from typing import Optional
+
+import numpy as np
+
+import ipywidgets as W
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from ._common import (hbox, LOSS_COLOURS, View, codebook_colour, figure_layout, new_figure, title_html, FIG_WIDTH)
+
+LOSS_TERMS = ("loss", "l1", "l2", "vq", "clip")       # "loss" is the weighted total the optimiser sees
+LOSS_LABELS = {"loss": "total", "l1": "L1", "l2": "L2 (MSE)", "vq": "VQ", "clip": "CLIP"}
+
+
+def _thin(n: int, max_points: int) -> np.ndarray:
+    """Indices of at most ~max_points evenly spaced rows out of n, always keeping the last one."""
+    if n <= max_points:
+        return np.arange(n)
+    idx = np.arange(0, n, math.ceil(n / max_points))
+    return idx if idx[-1] == n - 1 else np.append(idx, n - 1)
+
+
+class TrainingDashboard(View):
+    """Live training curves and codebook health for a Trainer, with Run / Pause / Step / Evaluate buttons.
+
+    Args:
+        trainer: a `unitok.train.Trainer` (anything with `step()`, `history`, `add_callback`, `model_config`,
+            `config`, `step_count` works).
+        redraw_every_s: at most one redraw per this many seconds while training.
+        steps: initial value of the steps box (how many steps Run performs).
+        max_points: curves longer than this are thinned for display (the history itself is untouched).
+        follow_schedule: like `trainer.run`, evaluate every `config.eval_every` steps and checkpoint every
+            `config.checkpoint_every` steps (checkpoints only when the trainer has an out_dir).
+
+    Widgets tests and notebooks can drive: `run_button`, `pause_button`, `step_button`, `eval_button` (`.click()`),
+    `steps` (IntText), `figure` (plotly FigureWidget: `loss_traces`, `psnr_trace`, `eval_trace`, `lr_trace`,
+    `dead_traces`, `usage_heatmap`), `status` (HTML), `output` (Output: errors). Methods: `start(steps)`, `pause()`,
+    `wait()`, `train(n)`, `evaluate()`, `refresh()`, `ui_overhead()`, `timings`, `close()`, `static_figure()`.
+    """
+
+    def __init__(self, trainer, redraw_every_s: float = 1.0, steps: int = 100, max_points: int = 2000,
+                 follow_schedule: bool = True):
+        self.trainer = trainer
+        self.redraw_every_s = float(redraw_every_s)
+        self.max_points = int(max_points)
+        self.follow_schedule = follow_schedule
+        self.num_codebooks = int(trainer.model_config.num_codebooks)
+        self.codebook_size = int(trainer.model_config.codebook_size)
+
+        # Columns ingested from trainer.history (appended incrementally: a redraw never rescans the history).
+        self._cols: dict[str, list] = {name: [] for name in ("step", "lr", "psnr_batch", *LOSS_TERMS)}
+        self._log_steps: list[int] = []           # steps that carry codebook window statistics
+        self._usage: list[list[float]] = []       # per logged step: k usage fractions
+        self._dead: list[list[int]] = []          # per logged step: k dead-code counts
+        self._window_tokens: Optional[int] = None
+        self._history_ref = None
+        self._ingested = 0
+        self._evals: list[dict] = [dict(r) for r in getattr(trainer, "eval_history", []) or []]
+
+        # Threading: one worker at most; Pause sets an Event the worker checks between steps.
+        self.thread: Optional[threading.Thread] = None
+        self._thread_lock = threading.Lock()
+        self._redraw_lock = threading.RLock()
+        self._pause = threading.Event()
+        self._in_loop = False
+        self._state = "idle"
+        self.last_error: Optional[BaseException] = None
+
+        # Measured costs (seconds): UI = our callbacks + redraws; steps = inside trainer.step().
+        self._ui_seconds = 0.0
+        self._step_seconds = 0.0
+        self._steps_timed = 0
+        self._redraws = 0
+        self._last_redraw = -math.inf
+        self._drawn_rows = -1
+        self._dirty = True
+
+        self._build_widgets(steps)
+        self._callbacks = (self._on_step, self._on_eval)
+        trainer.add_callback("step", self._on_step)
+        trainer.add_callback("eval", self._on_eval)
+        self.refresh()
+
+    # ------------------------------------------------------------------ widgets
+    def _build_widgets(self, steps: int) -> None:
+        self.run_button = W.Button(description="Run", icon="play", button_style="success",
+                                   tooltip="train `steps` steps in a background thread")
+        self.pause_button = W.Button(description="Pause", icon="pause", button_style="warning", disabled=True,
+                                     tooltip="stop after the current step")
+        self.step_button = W.Button(description="Step", icon="step-forward", tooltip="one training step")
+        self.eval_button = W.Button(description="Evaluate", icon="check", tooltip="trainer.evaluate() now")
+        for b in (self.run_button, self.pause_button, self.step_button, self.eval_button):
+            b.layout = W.Layout(width="110px")
+        self.steps = W.IntText(value=steps, description="steps", layout=W.Layout(width="170px"),
+                               style={"description_width": "40px"})
+        self.status = W.HTML()
+        self.output = W.Output(layout=W.Layout(max_height="160px", overflow="auto"))
+        self.run_button.on_click(lambda _: self.start())
+        self.pause_button.on_click(lambda _: self.pause())
+        self.step_button.on_click(lambda _: self.start(1))
+        self.eval_button.on_click(lambda _: self._start_job(self._evaluate_job))
+        self.figure = self._build_figure()
+        controls = hbox([self.run_button, self.pause_button, self.step_button, self.steps, self.eval_button], gap=6)
+        header = W.HTML(title_html("Training", f"{self.num_codebooks} sub-codebooks × {self.codebook_size} codes; "
+                                               f"figures refresh at most every {self.redraw_every_s:g} s"))
+        self.widget = W.VBox([header, controls, self.status, self.figure, self.output])
+
+    def _build_figure(self) -> go.FigureWidget:
+        fig = make_subplots(
+            rows=3, cols=2, specs=[[{}, {}], [{}, {}], [{"colspan": 2}, None]],
+            subplot_titles=("loss terms (log)", "PSNR (dB)", "learning rate", "dead codes per sub-codebook",
+                            "codes used per sub-codebook (share of K, over the recent-token window)"),
+            vertical_spacing=0.11, horizontal_spacing=0.09, row_heights=[0.37, 0.33, 0.30])
+        for name in LOSS_TERMS:
+            fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name=LOSS_LABELS[name], legendgroup="loss",
+                                       line=dict(color=LOSS_COLOURS[name], width=2 if name == "loss" else 1.3)),
+                          row=1, col=1)
+        fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name="batch PSNR", line=dict(color="#4e79a7", width=1),
+                                   legendgroup="psnr"), row=1, col=2)
+        fig.add_trace(go.Scatter(x=[], y=[], mode="markers+lines", name="eval PSNR", legendgroup="psnr",
+                                 marker=dict(color="#e15759", size=8, symbol="diamond"),
+                                 line=dict(color="#e15759", dash="dot")), row=1, col=2)
+        fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name="lr", line=dict(color="#9c755f"),
+                                   showlegend=False), row=2, col=1)
+        for i in range(self.num_codebooks):
+            fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name=f"dead, sub-codebook {i}", showlegend=False,
+                                     line=dict(color=codebook_colour(i), width=1.3),
+                                     hovertemplate=f"sub-codebook {i}<br>step %{{x}}<br>dead %{{y}}<extra></extra>"),
+                          row=2, col=2)
+        fig.add_trace(go.Heatmap(
+            x=[], y=list(range(self.num_codebooks)), z=[[None]] * self.num_codebooks, zmin=0, zmax=1,
+            colorscale="Viridis", colorbar=dict(title=dict(text="used", side="right"), len=0.28, y=0.13,
+                                                tickformat=".0%"),
+            hovertemplate="step %{x}<br>sub-codebook %{y}<br>used %{z:.1%}<extra></extra>"), row=3, col=1)
+        fig.update_yaxes(type="log", row=1, col=1)
+        fig.update_yaxes(exponentformat="e", row=2, col=1)
+        fig.update_yaxes(title_text="sub-codebook", dtick=1, autorange="reversed", row=3, col=1)
+        fig.update_xaxes(title_text="step", row=3, col=1)
+        fig.update_layout(**figure_layout(width=FIG_WIDTH, height=760,
+                                          legend=dict(orientation="h", y=1.07, x=0, font=dict(size=11))))
+        fw = go.FigureWidget(fig)
+        k = self.num_codebooks
+        self.loss_traces = {name: fw.data[i] for i, name in enumerate(LOSS_TERMS)}
+        self.psnr_trace, self.eval_trace, self.lr_trace = fw.data[5], fw.data[6], fw.data[7]
+        self.dead_traces = list(fw.data[8:8 + k])
+        self.usage_heatmap = fw.data[8 + k]
+        return fw
+
+    # ------------------------------------------------------------------ trainer callbacks (cheap)
+    def _on_step(self, trainer, metrics: dict) -> None:
+        t0 = time.perf_counter()
+        if not self._in_loop:           # a step we did not time ourselves (e.g. the user called trainer.run)
+            self._step_seconds += float(metrics.get("seconds", 0.0))
+            self._steps_timed += 1
+        self._dirty = True
+        if time.perf_counter() - self._last_redraw >= self.redraw_every_s:
+            self._redraw()
+        self._ui_seconds += time.perf_counter() - t0
+
+    def _on_eval(self, trainer, results: dict) -> None:
+        t0 = time.perf_counter()
+        self._evals.append({"step": results.get("step", trainer.step_count), **results})
+        self._dirty = True
+        self._redraw()                  # evaluations are rare and slow: show their point at once
+        self._ui_seconds += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ data
+    def _ingest(self) -> None:
+        history = self.trainer.history
+        if history is not self._history_ref or len(history) < self._ingested:   # replaced, e.g. load_checkpoint
+            for col in self._cols.values():
+                col.clear()
+            for series in (self._log_steps, self._usage, self._dead):
+                series.clear()
+            self._history_ref, self._ingested = history, 0
+            self._evals = [dict(r) for r in getattr(self.trainer, "eval_history", []) or []]
+        end = len(history)                   # the worker may append meanwhile: take a fixed slice
+        for m in history[self._ingested:end]:
+            for name, col in self._cols.items():
+                col.append(m.get(name, math.nan))
+            if "usage" in m:
+                self._log_steps.append(m["step"])
+                self._usage.append(list(m["usage"]))
+                self._dead.append(list(m.get("dead", [math.nan] * self.num_codebooks)))
+                self._window_tokens = m.get("usage_window_tokens", self._window_tokens)
+        self._ingested = end
+
+    # ------------------------------------------------------------------ drawing
+    def refresh(self) -> None:
+        """Redraw now (whatever the throttle says)."""
+        t0 = time.perf_counter()
+        self._redraw()
+        self._ui_seconds += time.perf_counter() - t0
+
+    def _redraw(self) -> None:
+        with self._redraw_lock:
+            self._last_redraw = time.perf_counter()
+            self._ingest()
+            rows = len(self._cols["step"])
+            if rows != self._drawn_rows or self._dirty:
+                self._draw_figure()
+                self._drawn_rows = rows
+                self._dirty = False
+                self._redraws += 1
+            self._draw_status()
+
+    def _draw_figure(self) -> None:
+        keep = _thin(len(self._cols["step"]), self.max_points)
+        steps = np.asarray(self._cols["step"], dtype=np.int64)[keep]
+        col = {name: np.asarray(values, dtype=np.float64)[keep] for name, values in self._cols.items()}
+        log_keep = _thin(len(self._log_steps), max(50, self.max_points // 5))
+        log_steps = np.asarray(self._log_steps, dtype=np.int64)[log_keep]
+        usage = np.asarray(self._usage, dtype=np.float64).reshape(-1, self.num_codebooks)[log_keep].T  # (k, L)
+        dead = np.asarray(self._dead, dtype=np.float64).reshape(-1, self.num_codebooks)[log_keep].T
+        evals = [(r["step"], r["psnr"]) for r in self._evals if "psnr" in r]
+        with self.figure.batch_update():
+            for name, trace in self.loss_traces.items():
+                trace.x, trace.y = steps, col[name]
+            self.psnr_trace.x, self.psnr_trace.y = steps, col["psnr_batch"]
+            self.eval_trace.x = [s for s, _ in evals]
+            self.eval_trace.y = [p for _, p in evals]
+            self.lr_trace.x, self.lr_trace.y = steps, col["lr"]
+            for i, trace in enumerate(self.dead_traces):
+                trace.x, trace.y = log_steps, dead[i] if dead.size else []
+            self.usage_heatmap.x = log_steps
+            self.usage_heatmap.z = usage if usage.size else [[None]] * self.num_codebooks
+            if self._window_tokens:
+                self.figure.layout.annotations[4].text = (
+                    f"codes used per sub-codebook (share of K = {self.codebook_size}, "
+                    f"over the last {self._window_tokens:,} training tokens)")
+
+    def _draw_status(self) -> None:
+        c = self._cols
+        parts = [f"<b>{self._state}</b>", f"step <b>{self.trainer.step_count}</b>"]
+        if c["step"]:
+            parts += [f"loss {c['loss'][-1]:.4f}", f"batch PSNR {c['psnr_batch'][-1]:.2f} dB", f"lr {c['lr'][-1]:.2e}"]
+        if self._steps_timed and self._step_seconds > 0:
+            parts.append(f"{self._steps_timed / self._step_seconds:.2f} steps/s")
+        if self._evals:
+            last = self._evals[-1]
+            text = f"eval @ {last.get('step')}: PSNR {last.get('psnr', math.nan):.2f} dB"
+            if "zero_shot_top1" in last:
+                text += f", zero-shot top-1 {100 * last['zero_shot_top1']:.1f} %"
+            parts.append(text)
+        parts.append(f"UI overhead {100 * self.ui_overhead():.1f} %")
+        colour = {"running": "#2a7", "pausing": "#c80", "error": "#c33"}.get(self._state, "#555")
+        self.status.value = (f"<div style='font-size:13px;color:{colour}'>" + " · ".join(parts[:1]) +
+                             "<span style='color:#333'> · " + " · ".join(parts[1:]) + "</span></div>")
+
+    # ------------------------------------------------------------------ training
+    @property
+    def running(self) -> bool:
+        """True while a background worker (Run / Step / Evaluate) is alive."""
+        return self.thread is not None and self.thread.is_alive()
+
+    def start(self, steps: Optional[int] = None) -> bool:
+        """Train `steps` more steps (default: the steps box) in a background thread. False if already running."""
+        n = int(self.steps.value if steps is None else steps)
+        return self._start_job(lambda: self._train_steps(n))
+
+    def _start_job(self, job) -> bool:
+        with self._thread_lock:
+            if self.running:
+                return False            # never two workers at once
+            self._pause.clear()
+            self._set_state("running")
+            self.thread = threading.Thread(target=self._worker, args=(job,), name="unitok-dashboard", daemon=True)
+            self.thread.start()
+        return True
+
+    def _worker(self, job) -> None:
+        try:
+            job()
+        except Exception as error:      # shown, never raised into a thread nobody joins
+            self._report(error)
+        finally:
+            self._finish()
+
+    def pause(self) -> None:
+        """Ask the worker to stop after the current step (returns at once; `wait()` to join)."""
+        if self.running:
+            self._pause.set()
+            self._set_state("pausing")
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Join the worker; True when it has finished."""
+        thread = self.thread
+        if thread is not None:
+            thread.join(timeout)
+        return not self.running
+
+    def train(self, steps: int) -> list:
+        """Train `steps` steps in this thread (blocking), with the same throttled redraws as Run; a final redraw
+        shows the last step. Errors are shown in `output` and raised. Returns the trainer's history."""
+        with self._thread_lock:
+            if self.running:
+                raise RuntimeError("the dashboard is already training in the background; pause() and wait() first")
+            self._pause.clear()
+            self._set_state("running")
+        try:
+            self._train_steps(int(steps))
+        except Exception as error:
+            self._report(error)
+            raise
+        finally:
+            self._finish()
+        return self.trainer.history
+
+    def evaluate(self) -> dict:
+        """trainer.evaluate() now (blocking); the eval callback adds the point to the PSNR plot."""
+        return self.trainer.evaluate()
+
+    def _evaluate_job(self) -> None:
+        self._set_state("evaluating")
+        self.trainer.evaluate()
+
+    def _train_steps(self, n: int) -> None:
+        trainer, cfg = self.trainer, self.trainer.config
+        self._in_loop = True
+        try:
+            for _ in range(n):
+                if self._pause.is_set():
+                    break
+                t0, ui0 = time.perf_counter(), self._ui_seconds
+                trainer.step()
+                # time inside trainer.step, minus what our own step callback spent redrawing inside it
+                self._step_seconds += time.perf_counter() - t0 - (self._ui_seconds - ui0)
+                self._steps_timed += 1
+                if self.follow_schedule:
+                    s = trainer.step_count
+                    if getattr(cfg, "eval_every", 0) and s % cfg.eval_every == 0:
+                        self._set_state("evaluating")
+                        trainer.evaluate()
+                        self._set_state("running")
+                    if getattr(cfg, "checkpoint_every", 0) and s % cfg.checkpoint_every == 0:
+                        trainer.save_checkpoint()
+        finally:
+            self._in_loop = False
+
+    def _set_state(self, state: str) -> None:
+        self._state = state
+        running = state in ("running", "pausing", "evaluating")
+        self.run_button.disabled = self.step_button.disabled = self.eval_button.disabled = running
+        self.pause_button.disabled = state != "running"
+
+    def _finish(self) -> None:
+        if self._state != "error":
+            self._set_state("paused" if self._pause.is_set() else "idle")
+        else:
+            self.run_button.disabled = self.step_button.disabled = self.eval_button.disabled = False
+            self.pause_button.disabled = True
+        t0 = time.perf_counter()
+        self._redraw()                  # the last steps may have fallen inside the throttle interval
+        self._ui_seconds += time.perf_counter() - t0
+
+    def _report(self, error: BaseException) -> None:
+        self.last_error = error
+        self._state = "error"
+        # append_stderr works from any thread (a `with output:` block would not capture a worker's prints)
+        self.output.append_stderr("".join(traceback.format_exception(type(error), error, error.__traceback__)))
+
+    # ------------------------------------------------------------------ costs
+    def ui_overhead(self) -> float:
+        """Measured fraction: seconds spent in the dashboard's callbacks and redraws / seconds in trainer.step()."""
+        return self._ui_seconds / self._step_seconds if self._step_seconds > 0 else 0.0
+
+    @property
+    def timings(self) -> dict:
+        return {"ui_seconds": self._ui_seconds, "step_seconds": self._step_seconds, "steps": self._steps_timed,
+                "redraws": self._redraws, "ui_overhead": self.ui_overhead()}
+
+    def close(self) -> None:
+        """Stop training, detach from the trainer's callbacks and close the widgets."""
+        self.pause()
+        self.wait()
+        for event, fn in zip(("step", "eval"), self._callbacks):
+            callbacks = getattr(self.trainer, "callbacks", {}).get(event, [])
+            if fn in callbacks:
+                callbacks.remove(fn)
+        self.widget.close()
+
+    # ------------------------------------------------------------------ static picture
+    def static_figure(self):
+        """The same panels as a matplotlib Figure (for notebooks rendered without a kernel)."""
+        with self._redraw_lock:
+            self._ingest()
+            c = {name: np.asarray(v, dtype=np.float64) for name, v in self._cols.items()}
+            log_steps = np.asarray(self._log_steps)
+            usage = np.asarray(self._usage, dtype=np.float64).reshape(-1, self.num_codebooks).T
+            dead = np.asarray(self._dead, dtype=np.float64).reshape(-1, self.num_codebooks).T
+            evals = [(r["step"], r["psnr"]) for r in self._evals if "psnr" in r]
+        fig = new_figure(11, 8.5)
+        grid = fig.add_gridspec(3, 2, height_ratios=[1.1, 1, 0.9], hspace=0.55, wspace=0.22)
+        ax = fig.add_subplot(grid[0, 0])
+        for name in LOSS_TERMS:
+            if len(c["step"]) and np.isfinite(c[name]).any():
+                ax.plot(c["step"], c[name], label=LOSS_LABELS[name], color=LOSS_COLOURS[name],
+                        lw=1.8 if name == "loss" else 1.1)
+        ax.set_yscale("log")
+        ax.set_title("loss terms", fontsize=10)
+        ax.legend(fontsize=8, ncol=3)
+        ax = fig.add_subplot(grid[0, 1])
+        ax.plot(c["step"], c["psnr_batch"], color="#4e79a7", lw=1, label="batch")
+        if evals:
+            ax.plot(*zip(*evals), "D:", color="#e15759", label="eval")
+        ax.set_title("PSNR (dB)", fontsize=10)
+        ax.legend(fontsize=8)
+        ax = fig.add_subplot(grid[1, 0])
+        ax.plot(c["step"], c["lr"], color="#9c755f")
+        ax.set_title("learning rate", fontsize=10)
+        ax = fig.add_subplot(grid[1, 1])
+        for i in range(len(dead)):
+            ax.plot(log_steps, dead[i], color=codebook_colour(i), lw=1.1, label=str(i))
+        ax.set_title("dead codes per sub-codebook", fontsize=10)
+        if len(dead):
+            ax.legend(fontsize=7, title="sub-\ncodebook", title_fontsize=7, loc="upper left",
+                      bbox_to_anchor=(1.0, 1.0), frameon=False)
+        ax = fig.add_subplot(grid[2, :])
+        if usage.size:
+            # one cell per logged step, its edges half-way to the neighbouring logged steps
+            x = log_steps.astype(np.float64)
+            mids = (x[1:] + x[:-1]) / 2
+            gap = (x[1] - x[0]) / 2 if len(x) > 1 else 0.5
+            edges = np.concatenate([[x[0] - gap], mids, [x[-1] + gap]])
+            mesh = ax.pcolormesh(edges, np.arange(self.num_codebooks + 1) - 0.5, usage, vmin=0, vmax=1,
+                                 cmap="viridis", shading="flat")
+            ax.set_ylim(self.num_codebooks - 0.5, -0.5)
+            fig.colorbar(mesh, ax=ax, label="share of codes used", pad=0.01)
+        ax.set_xlabel("step")
+        ax.set_ylabel("sub-codebook")
+        window = f" over the last {self._window_tokens:,} training tokens" if self._window_tokens else ""
+        ax.set_title(f"codes used per sub-codebook (K = {self.codebook_size}){window}", fontsize=10)
+        for a in fig.axes[:4]:
+            a.set_xlabel("step", fontsize=9)
+            a.tick_params(labelsize=8)
+        fig.suptitle(f"Training — step {self.trainer.step_count}", fontsize=12)
+        return fig
