@@ -318,6 +318,10 @@ class CodebookTracker:
             w = torch.cat([self._window[self._pos:], self._window[:self._pos]])
         return w.long()
 
+    def window_counts(self) -> torch.Tensor:
+        """(k, K) int64 code counts over the window (marginals only: what `stats_from_counts` needs)."""
+        return _count_codes(self.window_codes(), self.codebook_size)
+
     def compute(self) -> dict:
         """`codebook_stats` over the last `valid_tokens` tokens, plus `total_tokens` (since reset)."""
         if self._valid == 0:

@@ -278,10 +278,14 @@ class Trainer:
         return metrics
 
     def codebook_window_stats(self) -> dict:
-        """Usage / dead / perplexity per sub-codebook over the tracker's window of recent training tokens."""
+        """Usage / dead / perplexity per sub-codebook over the recent-token window (every rank's window under DDP).
+
+        This is the only place the tracker syncs with the host, and it runs every `log_every` steps.
+        """
+        counts = self.tracker.window_counts()
         if self.world_size > 1:
-            M.all_reduce_counts(self.tracker)
-        s = self.tracker.compute()
+            dist.all_reduce(counts)
+        s = M.stats_from_counts(counts)
         return {"usage": s["usage"], "dead": s["dead"], "perplexity": s["perplexity"],
                 "usage_window_tokens": s["window_tokens"]}
 
