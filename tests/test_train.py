@@ -70,6 +70,7 @@ def trained(tiny_overrides):
     return trainer, before, after, history
 
 
+@pytest.mark.slow
 def test_training_loss_falls(trained):
     trainer, _, _, history = trained
     assert trainer.step_count == TRAIN_STEPS and len(history) == TRAIN_STEPS
@@ -78,22 +79,23 @@ def test_training_loss_falls(trained):
     first, last = losses[:5].mean(), losses[-20:].mean()
     # measured (seed 0): first 5 = 3.78, last 20 = 2.09 (ratio 0.55); seeds 1, 2: 0.36, 0.42
     assert last < 0.7 * first, (first, last)
-    # the reconstruction terms alone fall much further (measured l2 0.35 -> 0.04)
+    # the reconstruction terms alone fall much further (measured l2 ratio 0.11; seeds 1, 2: 0.17, 0.16)
     l2 = np.array([h["l2"] for h in history])
     assert l2[-20:].mean() < 0.3 * l2[:5].mean()
 
 
+@pytest.mark.slow
 def test_training_improves_eval_psnr_and_keeps_codebooks_alive(trained):
     _, before, after, _ = trained
     # measured: untrained 10.0 dB (seeds 0-2: 9.5-10.2), after 200 steps 20.8 dB (seeds 0-2: 19.4-20.8)
     assert before["psnr"] < 13.0
     assert after["psnr"] > 16.0
     assert after["psnr"] > before["psnr"] + 5.0
-    # measured SSIM: ~0.0 untrained, 0.68-0.72 trained
+    # measured SSIM: -0.01..0.015 untrained, 0.68-0.72 trained
     assert after["ssim"] > 0.45 > before["ssim"]
     # Codebook usage over 64 eval images x 64 tokens = 4096 tokens, K = 64: an untrained model already spreads
-    # over most codes (measured mean 0.87), and training on flat-background shapes concentrates them a little
-    # (measured mean 0.93 for seed 0, 0.77-0.86 for seeds 1-2, min per sub-codebook 0.61). So assert a floor:
+    # over most codes (measured mean 0.87), and training on flat-background shapes may concentrate them a little
+    # (measured mean 0.93 for seed 0, 0.76-0.86 for seeds 1-2, min per sub-codebook 0.61). So assert a floor:
     # no collapsed sub-codebook, most codes alive.
     usage = after["codebook_usage"]
     assert len(usage) == 4 and all(0.0 <= u <= 1.0 for u in usage)
@@ -101,6 +103,7 @@ def test_training_improves_eval_psnr_and_keeps_codebooks_alive(trained):
     assert min(usage) > 0.3, usage
 
 
+@pytest.mark.slow
 def test_history_is_a_dataframe_with_the_loss_terms(trained):
     pd = pytest.importorskip("pandas")
     _, _, _, history = trained
@@ -125,6 +128,7 @@ def test_lr_schedule_warmup_then_cosine_to_a_tenth():
     assert lrs[1000] == pytest.approx(1e-4) and lr_at(5000, cfg) == pytest.approx(1e-4)  # floor, never below
 
 
+@pytest.mark.slow
 def test_training_uses_the_schedule(trained):
     trainer, _, _, history = trained
     cfg = trainer.config
@@ -158,6 +162,7 @@ def _load_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted_run(cli_run, tmp_path, subprocess_env, run_cli):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "unitok.cli", *cli_run.train_args, "--out", str(out)]
@@ -225,7 +230,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(cli_run, tmp_path, subpro
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "BUG unitok/train.py Trainer.load_checkpoint (~line 367): on resume it rewrites metrics.jsonl from the "
+    "BUG unitok/train.py Trainer.load_checkpoint (~line 371): on resume it rewrites metrics.jsonl from the "
     "checkpoint's history but leaves eval.jsonl as the crashed run left it, so an evaluation logged after the "
     "checkpoint appears twice (eval.jsonl steps [3, 6, 9, 9, 12] instead of [3, 6, 9, 12]); it should rewrite "
     "eval.jsonl from eval_history the same way"))
@@ -262,6 +267,7 @@ def ddp_cli_run(tmp_path_factory, tiny_set_args, subprocess_env):
     return out, proc
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_only_rank0_writes(ddp_cli_run):
     out, proc = ddp_cli_run
     logged = _read_jsonl(out / "metrics.jsonl")
@@ -276,6 +282,7 @@ def test_ddp_two_cpu_processes_only_rank0_writes(ddp_cli_run):
     assert all(m["images_per_second"] > 0 for m in logged)
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
     "BUG unitok/train.py evaluate_model/_reconstruction_metrics: under DDP every rank evaluates the full eval set, "
     "but FIDAccumulator.compute() (unitok/metrics.py, _global) all-reduces the feature statistics over ranks, so "
@@ -333,6 +340,7 @@ torch.distributed.destroy_process_group()
 '''
 
 
+@pytest.mark.slow
 def test_ddp_ranks_see_different_data_and_counts_are_all_reduced(tmp_path, tiny_overrides, subprocess_env):
     script = tmp_path / "ddp_probe.py"
     script.write_text(_DDP_SCRIPT)
@@ -391,6 +399,7 @@ def _write_folder(root: Path, n_good=12, corrupt=True, missing=True) -> Path:
     return root / "captions.csv"
 
 
+@pytest.mark.slow
 def test_folder_dataset_run_skips_bad_images(tmp_path, tiny_set_args, capsys):
     csv_path = _write_folder(tmp_path / "imgs")
     out = tmp_path / "run"
@@ -552,6 +561,7 @@ def test_empty_datasets_fail_with_a_clear_message(tmp_path, tiny_overrides):
 # ---------------------------------------------------------------------------------------------------------------
 # 7. Evaluation
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_evaluate_reports_all_metrics(trained):
     trainer, _, after, _ = trained
     for key in ("psnr", "ssim", "codebook_usage", "zero_shot_top1", "zero_shot_top1_heldout",
@@ -566,6 +576,7 @@ def test_evaluate_reports_all_metrics(trained):
     assert "fid" not in after                          # FID only on request
 
 
+@pytest.mark.slow
 def test_evaluate_with_proxy_fid(trained):
     trainer, _, _, _ = trained
     was_training = trainer.model.training

@@ -290,6 +290,7 @@ def test_reconstruction_viewer_ablation_and_compare(model, other_model, dataset)
         expected = float(M.psnr(model.decode(ablated_codes).clamp(-1, 1), x, reduction="none")[0])
     assert r["psnr_ablated"] == pytest.approx(expected, abs=1e-4)
     assert f"−{r['psnr'] - r['psnr_ablated']:.2f} dB" in viewer.info.value
+    assert f"{r['psnr_ablated']:.2f} dB" in viewer.panels["ablated"][0].value
     viewer.mode.value = "random codes"
     assert not torch.equal(viewer.result["ablated"], r["ablated"])
     viewer.compare.value = True

@@ -44,6 +44,13 @@ def figure_layout(title: str = "", width: int = FIG_WIDTH, height: int = 360, **
     return layout
 
 
+def json_safe(values) -> list:
+    """Array -> (nested) list with None where a value is NaN/inf: a FigureWidget sends its data to the browser as
+    JSON, which has no NaN (the message would be dropped); plotly draws None as a gap."""
+    a = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(a), a, None).tolist()
+
+
 def hbox(children, gap: int = 10, **layout) -> W.HBox:
     """A row of ipywidgets controls `gap` px apart (ipywidgets 8.1's Layout has no flex `gap`: use margins)."""
     for child in children[:-1]:

@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 
 from unitok import metrics as M
 
-from ._common import (FIG_WIDTH, HALF_WIDTH, View, code_counts, codebook_colour, encode_images, figure_layout,
+from ._common import (json_safe, FIG_WIDTH, HALF_WIDTH, View, code_counts, codebook_colour, encode_images, figure_layout,
                       html_table, new_figure, take_images, title_html)
 
 
@@ -114,6 +114,13 @@ class CodebookUsage(View):
         self.table = W.HTML(self._table_html())
         self.overview_figure = go.FigureWidget(self._overview_data(),
                                                layout=figure_layout(self._overview_title(), HALF_WIDTH + 60, 380))
+        if self.counts is not None:
+            self.overview_figure.update_yaxes(type="log", title_text="frequency", exponentformat="power")
+            self.overview_figure.update_xaxes(title_text="rank (codes sorted by frequency)")
+            self.overview_figure.update_layout(legend=dict(title=dict(text="sub-codebook")))
+        else:
+            self.overview_figure.update_xaxes(title_text="sub-codebook", dtick=1)
+            self.overview_figure.update_yaxes(range=[0, 1.05])
         self.mi_figure = go.FigureWidget(layout=figure_layout(self._mi_title(), HALF_WIDTH - 40, 380))
         self._fill_mi()
         self.detail_figure = go.FigureWidget(layout=figure_layout("", FIG_WIDTH, 330))
@@ -179,7 +186,7 @@ class CodebookUsage(View):
         mi = np.asarray(s["mutual_information"], dtype=np.float64)
         shown = mi.copy()
         np.fill_diagonal(shown, np.nan)      # the diagonal is each entropy (in the table); hiding it keeps the
-        fig.add_heatmap(z=shown, x=list(range(k)), y=list(range(k)), colorscale="Blues", zmin=0,  # scale useful
+        fig.add_heatmap(z=json_safe(shown), x=list(range(k)), y=list(range(k)), colorscale="Blues", zmin=0,  # scale useful
                         colorbar=dict(title=dict(text="nats", side="right")),
                         hovertemplate="I(%{y}; %{x}) = %{z:.4f} nats<extra></extra>")
         fig.update_xaxes(title_text="sub-codebook", dtick=1)
@@ -210,7 +217,7 @@ class CodebookUsage(View):
                                           "frequency %{y:.2e}<extra></extra>")
                 fig.add_scatter(x=[0.5, K + 0.5], y=[1 / K, 1 / K], mode="lines", name="uniform 1/K",
                                 line=dict(color="#999", dash="dash", width=1), hoverinfo="skip")
-                fig.update_yaxes(type="log", title_text="frequency")
+                fig.update_yaxes(type="log", title_text="frequency", exponentformat="power")
                 fig.update_xaxes(title_text="rank (codes sorted by frequency)", range=[0.5, K + 0.5])
             fig.layout.showlegend = False
             fig.layout.title.text = (f"sub-codebook {i}: {K - int(s['dead'][i])} of {K} codes used, "

@@ -11,6 +11,7 @@ in a background thread and replaces the preview when ready. Projections are cach
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -23,6 +24,8 @@ from ._common import (hbox, TILE_PX, FIG_WIDTH, View, code_counts, draw_box, enc
                       pixelated_css, png_bytes, take_images, tile_grid, title_html, to_uint8, upscale)
 
 METHODS = ("PCA", "UMAP")
+GALLERY_PX = 48        # one patch in the gallery (a 4 px patch -> x12)
+GALLERY_COLUMNS = 8
 
 
 def pca_2d(vectors: np.ndarray) -> np.ndarray:
@@ -44,9 +47,11 @@ def umap_2d(vectors: np.ndarray, seed: int = 0, **kwargs) -> np.ndarray:
     n = vectors.shape[0]
     if n < 4:
         return pca_2d(vectors)
-    params = dict(n_neighbors=min(15, n - 1), min_dist=0.1, metric="cosine", random_state=seed)
+    params = dict(n_neighbors=min(15, n - 1), min_dist=0.1, metric="cosine", random_state=seed, n_jobs=1)
     params.update(kwargs)
-    return umap.UMAP(**params).fit_transform(vectors.astype(np.float32)).astype(np.float64)
+    with warnings.catch_warnings():   # a fixed random_state makes UMAP single-threaded, and it says so; we know
+        warnings.simplefilter("ignore", UserWarning)
+        return umap.UMAP(**params).fit_transform(vectors.astype(np.float32)).astype(np.float64)
 
 
 class TokenEmbeddingExplorer(View):
@@ -181,7 +186,7 @@ class TokenEmbeddingExplorer(View):
                                                       f"chosen sub-codebook; {note}"))
         gallery_box = W.VBox([hbox([self.code, self.show_context]),
                               self.gallery_label, self.gallery],
-                             layout=W.Layout(width=f"{FIG_WIDTH - 580}px", margin="0 0 0 12px"))
+                             layout=W.Layout(width=f"{GALLERY_COLUMNS * (GALLERY_PX + 3) + 20}px", margin="0 0 0 12px"))
         self.widget = W.VBox([pixelated_css(), header, hbox([self.codebook, self.method, self.status]),
                               W.HBox([self.figure, gallery_box])])
 
@@ -245,10 +250,10 @@ class TokenEmbeddingExplorer(View):
             padded = np.pad(image, ((p * context,) * 2, (p * context,) * 2, (0, 0)), constant_values=128)
             size = p * (2 * context + 1)
             crop = padded[r * p:r * p + size, c * p:c * p + size]           # centred on the patch
-            tile = upscale(crop, size=TILE_PX)
+            tile = upscale(crop, size=GALLERY_PX)
             f = tile.shape[0] // size
             return draw_box(tile, context * p * f, context * p * f, p * f, width=max(2, f // 3))
-        return upscale(image[r * p:(r + 1) * p, c * p:(c + 1) * p], size=TILE_PX)
+        return upscale(image[r * p:(r + 1) * p, c * p:(c + 1) * p], size=GALLERY_PX)
 
     def _draw_gallery(self) -> None:
         i, j = self.codebook.value, self.code.value
@@ -263,8 +268,8 @@ class TokenEmbeddingExplorer(View):
             self.gallery_label.value = (f"<b>code {j}</b> of sub-codebook {i}: used by <b>{len(positions)}</b> of "
                                         f"{self.window_tokens:,} tokens" +
                                         (f"; showing the first {len(shown)}" if len(shown) < len(positions) else ""))
-        self.gallery.value = png_bytes(tile_grid(tiles, ncol=5, pad=4)) if tiles else png_bytes(
-            np.full((TILE_PX, TILE_PX, 3), 245, np.uint8))
+        self.gallery.value = png_bytes(tile_grid(tiles, ncol=GALLERY_COLUMNS, pad=3)) if tiles else png_bytes(
+            np.full((GALLERY_PX, GALLERY_PX, 3), 245, np.uint8))
         self.highlight_code = j
         with self.figure.batch_update():
             self._draw_highlight()

@@ -29,6 +29,12 @@ from ._common import (hbox, IMAGE_PX, HALF_WIDTH, View, code_counts, codebook_co
 MODES = ("most frequent code", "random codes")
 
 
+def _label(title: str, detail: str = "") -> str:
+    """Two centred lines above an image panel (fixed height, so the panels stay aligned)."""
+    return (f"<div style='text-align:center;line-height:1.35;font-size:13px'><b>{title}</b><br>"
+            f"<span style='color:#444'>{detail or '&nbsp;'}</span></div>")
+
+
 class ReconstructionViewer(View):
     """Browse reconstructions with PSNR, an error map, sub-codebook ablation and an optional second checkpoint.
 
@@ -151,7 +157,8 @@ class ReconstructionViewer(View):
         self.panels = {}
         boxes = []
         for key, title in names:
-            label, image = W.HTML(f"<b>{title}</b>"), image_widget(px=self.px)
+            label = W.HTML(_label(title), layout=W.Layout(width=f"{self.px}px", height="40px"))
+            image = image_widget(px=self.px)
             box = W.VBox([label, image], layout=W.Layout(align_items="center", margin="0 6px"))
             self.panels[key] = (label, image, box)
             boxes.append(box)
@@ -181,7 +188,7 @@ class ReconstructionViewer(View):
         set_image(self.panels["original"][1], r["original"], self.px)
         set_image(self.panels["reconstruction"][1], r["reconstruction"], self.px)
         set_image(self.panels["error"][1], r["error_map"], self.px)
-        self.panels["reconstruction"][0].value = f"<b>reconstruction</b> · {fmt_db(r['psnr'])}"
+        self.panels["reconstruction"][0].value = _label("reconstruction", fmt_db(r["psnr"]))
         ablating = r["ablated"] is not None
         self.panels["ablated"][2].layout.display = None if ablating else "none"
         self.mode.disabled = not ablating
@@ -192,20 +199,20 @@ class ReconstructionViewer(View):
         if ablating:
             set_image(self.panels["ablated"][1], r["ablated"], self.px)
             drop = r["psnr"] - r["psnr_ablated"]
-            self.panels["ablated"][0].value = (f"<b>sub-codebook {r['ablate']} ablated</b> · "
-                                               f"{fmt_db(r['psnr_ablated'])}")
+            self.panels["ablated"][0].value = _label(f"sub-codebook {r['ablate']} ablated",
+                                                     f"{fmt_db(r['psnr_ablated'])} (−{drop:.2f} dB)")
             what = (f"its most frequent code {int(self.most_frequent[r['ablate']])}" if r["mode"] == MODES[0]
                     else "random codes")
             parts.append(f"sub-codebook {r['ablate']} → {what}: {fmt_db(r['psnr_ablated'])} "
                          f"(<b>−{drop:.2f} dB</b>)")
-            self.panels["error"][0].value = "<b>|error|</b> of the ablated reconstruction"
+            self.panels["error"][0].value = _label("|error|", "of the ablated reconstruction")
         else:
-            self.panels["error"][0].value = "<b>|error|</b> of the reconstruction"
+            self.panels["error"][0].value = _label("|error|", "of the reconstruction")
         showing_other = r["other"] is not None
         self.panels["other"][2].layout.display = None if showing_other else "none"
         if showing_other:
             set_image(self.panels["other"][1], r["other"], self.px)
-            self.panels["other"][0].value = f"<b>other model</b> · {fmt_db(r['psnr_other'])}"
+            self.panels["other"][0].value = _label("other model", fmt_db(r["psnr_other"]))
             parts.append(f"other model {fmt_db(r['psnr_other'])}")
         self.info.value = "<div style='font-size:13px'>" + " · ".join(parts) + "</div>"
 

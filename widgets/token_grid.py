@@ -36,7 +36,7 @@ class TokenGrid(View):
     to another image.
     """
 
-    def __init__(self, model, image, px: int = 400):
+    def __init__(self, model, image, px: int = 320):
         self.model = model
         cfg = model.config
         self.num_codebooks, self.codebook_size = cfg.num_codebooks, cfg.codebook_size
@@ -101,7 +101,7 @@ class TokenGrid(View):
         lines += [dict(type="line", xref="x", yref="y", y0=v - 0.5, y1=v - 0.5, x0=-0.5, x1=g - 0.5,
                        line=dict(color="rgba(255,255,255,0.55)", width=1)) for v in range(1, g)]
         self._grid_shapes = lines
-        fig.update_layout(**figure_layout("", 2 * self.px + 120, self.px + 70), shapes=lines)
+        fig.update_layout(**figure_layout("", 2 * self.px + 110, self.px + 70), shapes=lines)
         self.figure = go.FigureWidget(fig)
         self.image_trace, self.overlay, self.heatmap = self.figure.data
         self.overlay.on_click(self._on_click)
@@ -113,8 +113,8 @@ class TokenGrid(View):
         header = W.HTML(title_html("Token grid", f"{g} × {g} tokens of {self.patch_size} × {self.patch_size} px, "
                                                  f"each with k = {k} codes (one per sub-codebook, K = {K}); "
                                                  "click a cell or use the sliders"))
-        side = W.VBox([W.HTML("<b>selected patch</b>"), self.patch_image, self.table],
-                      layout=W.Layout(margin="0 0 0 12px"))
+        side = W.VBox([W.HTML("<b>selected patch</b> (and its surroundings)"), self.patch_image, self.table],
+                      layout=W.Layout(margin="0 0 0 12px", width="250px"))
         self.widget = W.VBox([pixelated_css(), header,
                               hbox([self.codebook, self.opacity]),
                               hbox([self.row, self.col]),
@@ -149,8 +149,9 @@ class TokenGrid(View):
         for i in range(k):
             same = int((self.codes[..., i] == codes[i]).sum()) - 1      # other tokens of this image with that code
             rows.append([f"<span style='color:{codebook_colour(i)}'>■</span> {i}", f"<b>{int(codes[i])}</b>", same])
-        self.table.value = html_table(["sub-codebook", "code", "same code elsewhere"], rows,
-                                      f"token (row {r}, col {c}) = index {r * self.grid_size + c} (row-major)")
+        self.table.value = html_table(["sub-cb", "code", "elsewhere"], rows,
+                                      f"token (row {r}, col {c}), index {r * self.grid_size + c} row-major; "
+                                      "elsewhere = other tokens of this image with the same code")
         p = self.patch_size
         # the patch with one token of surroundings, the patch itself outlined
         padded = np.pad(to_uint8(self.image), ((p, p), (p, p), (0, 0)), constant_values=128)

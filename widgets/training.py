@@ -28,7 +28,7 @@ import ipywidgets as W
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ._common import (hbox, LOSS_COLOURS, View, codebook_colour, figure_layout, new_figure, title_html, FIG_WIDTH)
+from ._common import (json_safe, hbox, LOSS_COLOURS, View, codebook_colour, figure_layout, new_figure, title_html, FIG_WIDTH)
 
 LOSS_TERMS = ("loss", "l1", "l2", "vq", "clip")       # "loss" is the weighted total the optimiser sees
 LOSS_LABELS = {"loss": "total", "l1": "L1", "l2": "L2 (MSE)", "vq": "VQ", "clip": "CLIP"}
@@ -158,8 +158,10 @@ class TrainingDashboard(View):
         fig.update_yaxes(exponentformat="e", row=2, col=1)
         fig.update_yaxes(title_text="sub-codebook", dtick=1, autorange="reversed", row=3, col=1)
         fig.update_xaxes(title_text="step", row=3, col=1)
-        fig.update_layout(**figure_layout(width=FIG_WIDTH, height=760,
-                                          legend=dict(orientation="h", y=1.07, x=0, font=dict(size=11))))
+        # one legend row above the grid (inside, it would hide the top of the loss curves)
+        fig.update_layout(**figure_layout(width=FIG_WIDTH, height=800, margin=dict(l=60, r=20, t=80, b=45),
+                                          legend=dict(orientation="h", yanchor="bottom", y=1.045, x=0,
+                                                      xanchor="left", font=dict(size=11))))
         fw = go.FigureWidget(fig)
         k = self.num_codebooks
         self.loss_traces = {name: fw.data[i] for i, name in enumerate(LOSS_TERMS)}
@@ -237,15 +239,15 @@ class TrainingDashboard(View):
         evals = [(r["step"], r["psnr"]) for r in self._evals if "psnr" in r]
         with self.figure.batch_update():
             for name, trace in self.loss_traces.items():
-                trace.x, trace.y = steps, col[name]
-            self.psnr_trace.x, self.psnr_trace.y = steps, col["psnr_batch"]
+                trace.x, trace.y = steps, json_safe(col[name])
+            self.psnr_trace.x, self.psnr_trace.y = steps, json_safe(col["psnr_batch"])
             self.eval_trace.x = [s for s, _ in evals]
-            self.eval_trace.y = [p for _, p in evals]
-            self.lr_trace.x, self.lr_trace.y = steps, col["lr"]
+            self.eval_trace.y = json_safe([p for _, p in evals])
+            self.lr_trace.x, self.lr_trace.y = steps, json_safe(col["lr"])
             for i, trace in enumerate(self.dead_traces):
-                trace.x, trace.y = log_steps, dead[i] if dead.size else []
+                trace.x, trace.y = log_steps, json_safe(dead[i]) if dead.size else []
             self.usage_heatmap.x = log_steps
-            self.usage_heatmap.z = usage if usage.size else [[None]] * self.num_codebooks
+            self.usage_heatmap.z = json_safe(usage) if usage.size else [[None]] * self.num_codebooks
             if self._window_tokens:
                 self.figure.layout.annotations[4].text = (
                     f"codes used per sub-codebook (share of K = {self.codebook_size}, "

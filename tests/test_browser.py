@@ -1,0 +1,238 @@
+"""Real-browser test: JupyterLab + chromium run the notebooks' cells and draw their widgets.
+
+Headless nbclient runs (test_notebooks.py) prove the Python side; only a browser proves that the widget
+front-ends (ipywidgets, plotly's FigureWidget through anywidget) load and render. Saved widget state is not
+re-drawn when a notebook is merely opened, so the cells are executed in the page (Run > Run All Cells).
+
+Needs Debian's chromium (/usr/bin/chromium) and the PyPI package playwright (never `playwright install`: it
+downloads a browser). Without them the test is skipped, except under CI (env CI set), where it fails.
+
+Artifacts: full-window screenshots in tests/artifacts/ (git-ignored). With UNITOK_UPDATE_SCREENSHOTS=1 (or when
+they are missing) they are also copied to docs/screenshots/quickstart.png and dashboard.png for the README.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+ARTIFACTS = ROOT / "tests" / "artifacts"
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+RUN_TIMEOUT_S = 420          # Run All Cells in smoke mode (a shared 2-core machine can be slow)
+
+# A traceback as JupyterLab renders it (error outputs are drawn by the stderr renderer), not a mere warning.
+TRACEBACK = re.compile(r"Traceback \(most recent call last\)|^\s*\w+(Error|Exception)\b.*(-{3,}|\n)", re.M)
+
+
+def _needs(ok: bool, what: str) -> None:
+    if not ok:
+        if os.environ.get("CI"):
+            pytest.fail(f"{what} - CI must provide it (see .ci/run)")
+        pytest.skip(f"{what}; install it to run the real-browser test")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A JupyterLab server on notebooks/ with UNITOK_SMOKE=1, isolated settings and autosave off.
+
+    Yields (base_url, token). The stored notebooks are restored byte for byte afterwards, whatever happens in the
+    page (a save would otherwise write outputs into them).
+    """
+    _needs(CHROMIUM.exists(), f"{CHROMIUM} is missing (apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        _needs(False, "the playwright package is missing (pip install playwright)")
+    if not (ROOT / "data" / "tiny-shapes" / "model.safetensors").is_file():
+        pytest.fail("data/tiny-shapes (the bundled checkpoint) is missing: run `make checkpoint`")
+
+    home = tmp_path_factory.mktemp("jupyter")
+    settings = home / "settings"
+    for plugin, values in {
+        "@jupyterlab/docmanager-extension/plugin": {"autosave": False},             # never write outputs back
+        "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
+    }.items():
+        path = settings / f"{plugin}.jupyterlab-settings"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+    stored = {p: p.read_bytes() for p in NOTEBOOKS.glob("*.ipynb")}
+
+    port, token = _free_port(), secrets.token_hex(16)
+    env = dict(os.environ, UNITOK_SMOKE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               JUPYTERLAB_SETTINGS_DIR=str(settings), JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"),
+               JUPYTER_RUNTIME_DIR=str(home / "runtime"), PYTHONUNBUFFERED="1")
+    log = open(home / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={NOTEBOOKS}", "--ServerApp.open_browser=False"]
+        + (["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),   # CI containers run as root
+        cwd=NOTEBOOKS, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"jupyter lab did not answer on {base}:\n{(home / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield base, token
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+        for path, content in stored.items():
+            if path.read_bytes() != content:
+                path.write_bytes(content)
+        shutil.rmtree(NOTEBOOKS / ".ipynb_checkpoints", ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser(lab, tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    profile = tmp_path_factory.mktemp("chromium-profile")   # a new, empty user data dir
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1500})
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+def _open_and_run_all(context, lab, name: str):
+    """Open notebooks/<name> in a fresh page, run all cells, wait until every code cell has run. -> page."""
+    base, token = lab
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(f"{base}/lab/tree/{name}?reset&token={token}")
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+    _wait_kernel_idle(page, 120)
+    page.keyboard.press("Control+b")                         # hide the file browser: more room for the notebook
+    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+    _wait_all_cells_ran(page, RUN_TIMEOUT_S)
+    return page
+
+
+def _wait_kernel_idle(page, timeout_s: float) -> None:
+    page.wait_for_function(
+        """() => {
+            const el = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook-ExecutionIndicator');
+            return el && el.getAttribute('data-status') === 'idle';
+        }""", timeout=timeout_s * 1000)
+
+
+def _wait_all_cells_ran(page, timeout_s: float) -> None:
+    """Every code cell shows an execution count ([n]:), none is queued or running ([*]:), kernel idle."""
+    page.wait_for_function(
+        """() => {
+            const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')]
+                .map(p => p.textContent.trim());
+            const ind = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook-ExecutionIndicator');
+            return prompts.length > 0 && prompts.every(t => /^\\[\\d+\\]:$/.test(t))
+                && ind && ind.getAttribute('data-status') === 'idle';
+        }""", timeout=timeout_s * 1000, polling=1000)
+
+
+def _errors(page) -> list[str]:
+    """Texts of error outputs and of stderr outputs that hold a traceback (warnings alone are fine)."""
+    texts = page.eval_on_selector_all(
+        '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"], '
+        '.jp-RenderedText[data-mime-type="application/vnd.jupyter.error"]',
+        "els => els.map(e => e.innerText)")
+    found = [t for t in texts if TRACEBACK.search(t)]
+    widget_errors = page.locator(".jupyter-widgets", has_text="Error displaying widget")
+    found += [f"widget failed to render: {t}" for t in widget_errors.all_inner_texts()]
+    return found
+
+
+def _screenshot(page, locator, stem: str, docs_name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    locator.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)                               # let plotly finish its transitions
+    path = ARTIFACTS / f"{stem}.png"
+    page.screenshot(path=str(path), full_page=True)
+    docs = SCREENSHOTS / docs_name
+    if os.environ.get("UNITOK_UPDATE_SCREENSHOTS") == "1" or not docs.exists():
+        docs.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, docs)
+    return path
+
+
+def test_quickstart_runs_in_the_browser(browser, lab):
+    page = _open_and_run_all(browser, lab, "00_quickstart.ipynb")
+    try:
+        assert not _errors(page), _errors(page)
+        page.wait_for_selector(".jupyter-widgets.widget-slider, .widget-slider", state="attached", timeout=30_000)
+        page.wait_for_selector(".js-plotly-plot", state="attached", timeout=30_000)
+        assert page.locator(".jp-OutputArea-output", has_text="all checks passed").count() == 1
+        token_grid = page.locator(".jp-OutputArea-output .jupyter-widgets", has_text="sub-codebook").first
+        _screenshot(page, token_grid, "browser_00_quickstart", "quickstart.png")
+    finally:
+        page.close()
+
+
+def test_dashboard_steps_in_the_browser(browser, lab):
+    page = _open_and_run_all(browser, lab, "01_train_step_by_step.ipynb")
+    try:
+        assert not _errors(page), _errors(page)
+        assert page.locator(".jp-OutputArea-output", has_text="all checks passed").count() == 1
+        step_button = page.locator(".widget-button", has_text=re.compile(r"^\s*Step\s*$"))
+        assert step_button.count() == 1
+        status = page.locator(".widget-html-content", has_text="UI overhead").first
+
+        def shown_step() -> int:
+            return int(re.search(r"step (\d+)", status.inner_text()).group(1))
+
+        def loss_path() -> str:
+            return page.locator(".js-plotly-plot .scatterlayer .trace path.js-line").first.get_attribute("d") or ""
+
+        step_before, path_before = shown_step(), loss_path()
+        step_button.scroll_into_view_if_needed()
+        step_button.click()
+        deadline = time.monotonic() + 120
+        while shown_step() <= step_before and time.monotonic() < deadline:
+            page.wait_for_timeout(500)
+        assert shown_step() == step_before + 1, "the dashboard's status did not show the extra step"
+        page.wait_for_function("(before) => { const p = document.querySelector("
+                               "'.js-plotly-plot .scatterlayer .trace path.js-line');"
+                               " return p && p.getAttribute('d') !== before; }", arg=path_before, timeout=30_000)
+        assert loss_path() != path_before, "the loss plot did not redraw after Step"
+        page.wait_for_selector(".widget-button:not([disabled])", timeout=60_000)
+        _screenshot(page, status, "browser_01_train_step_by_step", "dashboard.png")
+    finally:
+        page.close()
