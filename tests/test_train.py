@@ -229,11 +229,6 @@ def test_resume_after_sigkill_equals_uninterrupted_run(cli_run, tmp_path, subpro
     _assert_same_tensors(ours, theirs)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG unitok/train.py Trainer.load_checkpoint (~line 371): on resume it rewrites metrics.jsonl from the "
-    "checkpoint's history but leaves eval.jsonl as the crashed run left it, so an evaluation logged after the "
-    "checkpoint appears twice (eval.jsonl steps [3, 6, 9, 9, 12] instead of [3, 6, 9, 12]); it should rewrite "
-    "eval.jsonl from eval_history the same way"))
 def test_resume_also_truncates_eval_log(tmp_path, tiny_overrides):
     extra = ["eval_images=16", "eval_every=3", "checkpoint_every=6", "steps=12"]
     out = tmp_path / "run"
@@ -283,11 +278,6 @@ def test_ddp_two_cpu_processes_only_rank0_writes(ddp_cli_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG unitok/train.py evaluate_model/_reconstruction_metrics: under DDP every rank evaluates the full eval set, "
-    "but FIDAccumulator.compute() (unitok/metrics.py, _global) all-reduces the feature statistics over ranks, so "
-    "each image is counted world_size times: fid_images == 2 x eval_images and the FID differs from the "
-    "single-process value for the same weights and images"))
 def test_ddp_fid_counts_each_eval_image_once(ddp_cli_run):
     out, _ = ddp_cli_run
     summary = json.loads((out / "summary.json").read_text())
@@ -491,10 +481,6 @@ def test_nan_guard_names_the_clip_term(tiny_overrides):
     assert trainer.step_count == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG unitok/train.py Trainer.step (~line 252): with a run folder but no checkpoint written yet, the "
-    "NonFiniteLossError message claims 'the last good checkpoint (step None) is kept in DIR' although there is "
-    "none; it should say that no checkpoint exists yet (the in-memory weights are from before the bad step)"))
 def test_nan_guard_message_before_any_checkpoint(tmp_path, tiny_overrides):
     trainer = _trainer(tiny_overrides, ["steps=10", "checkpoint_every=5"], out_dir=tmp_path / "run")
     original = trainer.loss_fn

@@ -164,8 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     import unitok  # noqa: F401  (applies the torchvision fix before anything imports timm/open_clip)
 
-    args = build_parser().parse_args(argv)
-    return args.fn(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:  # bad settings or inputs: a message, not a traceback
+        parser.exit(2, f"unitok {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -776,15 +776,18 @@ class FIDAccumulator:
         device: where features are computed; default the extractor's device.
         reset_real_features: False keeps the real statistics across `reset()` (evaluate the same real set at
             every checkpoint without re-extracting it).
+        reduce_over_ranks: sum the statistics over DDP ranks in `compute()` (each rank saw a shard); False when
+            every rank already saw the whole set.
     """
 
     def __init__(self, extractor: nn.Module, device: Optional[Union[str, torch.device]] = None,
-                 reset_real_features: bool = True):
+                 reset_real_features: bool = True, reduce_over_ranks: bool = True):
         _check_extractor(extractor)
         self.device = torch.device(device) if device is not None else _model_device(extractor)
         self.extractor = extractor.to(self.device).eval()
         self.name = getattr(extractor, "name", type(extractor).__name__)
         self.reset_real_features = reset_real_features
+        self.reduce_over_ranks = reduce_over_ranks
         self.real = _FeatureMoments(extractor.num_features, self.device)
         self.fake = _FeatureMoments(extractor.num_features, self.device)
 
@@ -815,7 +818,7 @@ class FIDAccumulator:
 
     def _global(self, m: _FeatureMoments) -> tuple:
         """(sum, outer, n) summed over DDP ranks when a process group is initialised, else the local ones."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not (self.reduce_over_ranks and torch.distributed.is_available() and torch.distributed.is_initialized()):
             return m.sum, m.outer, m.n
         n = torch.tensor([m.n], dtype=torch.float64, device=m.sum.device)
         total, outer = m.sum.clone(), m.outer.clone()

@@ -249,8 +249,10 @@ class Trainer:
         bad = [name for name, v in logged.items() if not math.isfinite(v)]
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
-            kept = (f"the last good checkpoint (step {self._last_checkpoint_step()}) is kept in {self.out_dir}"
-                    if self.out_dir is not None else "the model keeps its weights from before this step")
+            last = self._last_checkpoint_step()
+            kept = ("the model keeps its weights from before this step" if self.out_dir is None else
+                    f"no checkpoint has been written to {self.out_dir} yet" if last is None else
+                    f"the last good checkpoint (step {last}) is kept in {self.out_dir}")
             raise NonFiniteLossError(f"loss term {bad[0]!r} became {logged[bad[0]]} at step {self.step_count + 1} "
                                      f"(non-finite terms: {bad}); training stopped and {kept}.")
         self.optimizer.zero_grad(set_to_none=True)
@@ -369,8 +371,9 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self._loader_iter = None
         if self.is_main and self.out_dir is not None:  # drop log lines written after the checkpoint (a crash)
-            with open(self.out_dir / "metrics.jsonl", "w") as f:
-                f.writelines(json.dumps(m) + "\n" for m in self.history)
+            for name, rows in (("metrics.jsonl", self.history), ("eval.jsonl", self.eval_history)):
+                with open(self.out_dir / name, "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def write_summary(self, results: Optional[dict] = None) -> dict:
         """summary.json + reconstruction grid PNG + codebook-usage PNG in the run folder."""
@@ -457,7 +460,9 @@ def _loader(ds, batch_size):
 def _reconstruction_metrics(model, ds, batch_size, device, fid) -> dict:
     k, K = model.config.num_codebooks, model.config.codebook_size
     psnrs, ssims, codes_all, img_feats, txt_feats, captions = [], [], [], [], [], []
-    fid_acc = M.FIDAccumulator(_fid_extractor(fid), device=device) if fid and fid != "none" else None
+    # every rank evaluates the whole set, so the statistics must not be summed over ranks
+    fid_acc = (M.FIDAccumulator(_fid_extractor(fid), device=device, reduce_over_ranks=False)
+               if fid and fid != "none" else None)
     for batch in _loader(ds, batch_size):
         images = batch["image"].to(device)
         q = model.quantize(images)
