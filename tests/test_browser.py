@@ -35,7 +35,7 @@ SCREENSHOTS = ROOT / "docs" / "screenshots"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-RUN_TIMEOUT_S = 420          # Run All Cells in smoke mode (a shared 2-core machine can be slow)
+RUN_TIMEOUT_S = float(os.environ.get("UNITOK_BROWSER_TIMEOUT_S", 420))         # Run All Cells in smoke mode (a shared 2-core machine can be slow)
 
 # A traceback as JupyterLab renders it (error outputs are drawn by the stderr renderer), not a mere warning.
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|^\s*\w+(Error|Exception)\b.*(-{3,}|\n)", re.M)
@@ -140,32 +140,60 @@ def _open_and_run_all(context, lab, name: str):
     page.set_default_timeout(60_000)
     page.goto(f"{base}/lab/tree/{name}?reset&token={token}")
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
-    _wait_kernel_idle(page, 120)
-    page.keyboard.press("Control+b")                         # hide the file browser: more room for the notebook
-    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
-    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
-    _wait_all_cells_ran(page, RUN_TIMEOUT_S)
+    try:
+        _poll(page, lambda: _kernel_state(lab, name) == "idle", 120, "the notebook's kernel to start")
+        page.wait_for_timeout(1000)                          # let the page's websocket catch up with the server
+        page.keyboard.press("Control+b")                     # hide the file browser: more room for the notebook
+        for attempt in range(2):                             # a click on a menu still being built can be lost
+            page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+            page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+            try:
+                _poll(page, lambda: page.evaluate(_ANY_STARTED_JS), 30, "the first cell to start")
+                break
+            except TimeoutError:
+                if attempt:
+                    raise
+        _poll(page, lambda: page.evaluate(_ALL_RAN_JS) and _kernel_state(lab, name) == "idle", RUN_TIMEOUT_S,
+              "every cell to run")
+    except Exception as error:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"failed_{Path(name).stem}.png"))
+        prompts = page.eval_on_selector_all(".jp-CodeCell .jp-InputArea-prompt", "els => els.map(e => e.textContent)")
+        errors = _errors(page)
+        page.close()
+        raise AssertionError(f"{name}: {error}; prompts {prompts}; errors {errors}; screenshot in {ARTIFACTS}")
     return page
 
 
-def _wait_kernel_idle(page, timeout_s: float) -> None:
-    page.wait_for_function(
-        """() => {
-            const el = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook-ExecutionIndicator');
-            return el && el.getAttribute('data-status') === 'idle';
-        }""", timeout=timeout_s * 1000)
+def _kernel_state(lab, name: str):
+    """The server's view of the notebook's kernel: "starting", "idle", "busy", ... or None (no session yet)."""
+    base, token = lab
+    with urllib.request.urlopen(f"{base}/api/sessions?token={token}", timeout=10) as response:
+        sessions = json.load(response)
+    states = [s["kernel"]["execution_state"] for s in sessions if s.get("path", "").endswith(name) and s.get("kernel")]
+    return states[0] if states else None
 
 
-def _wait_all_cells_ran(page, timeout_s: float) -> None:
-    """Every code cell shows an execution count ([n]:), none is queued or running ([*]:), kernel idle."""
-    page.wait_for_function(
-        """() => {
-            const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')]
-                .map(p => p.textContent.trim());
-            const ind = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook-ExecutionIndicator');
-            return prompts.length > 0 && prompts.every(t => /^\\[\\d+\\]:$/.test(t))
-                && ind && ind.getAttribute('data-status') === 'idle';
-        }""", timeout=timeout_s * 1000, polling=1000)
+_ANY_STARTED_JS = """() => [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')]
+    .some(p => /^\\[(\\*|\\d+)\\]:$/.test(p.textContent.trim()))"""
+_ALL_RAN_JS = """() => {
+    const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')].map(p => p.textContent.trim());
+    return prompts.length > 0 && prompts.every(t => /^\\[\\d+\\]:$/.test(t));
+}"""
+
+
+def _poll(page, condition, timeout_s: float, what: str) -> None:
+    """Wait until condition() holds, accepting a "Select Kernel" dialog (the default kernel) if one shows."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        dialog = page.locator(".jp-Dialog .jp-Dialog-button.jp-mod-accept")
+        if dialog.count():
+            dialog.first.click()
+        if condition():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
+        page.wait_for_timeout(1000)
 
 
 def _errors(page) -> list[str]:

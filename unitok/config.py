@@ -97,7 +97,7 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = 64
     steps: int = 1500
-    lr: float = 2e-3
+    lr: float = 5e-4                  # the reference's; 1e-3 and 2e-3 were measurably worse on the tiny preset
     betas: tuple = (0.9, 0.95)        # the reference's
     weight_decay: float = 0.02        # applied to codebooks too, as in the reference
     eps: float = 1e-6

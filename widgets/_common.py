@@ -17,6 +17,15 @@ import torch
 
 import ipywidgets as W
 
+# Background threads (training, UMAP) may import modules while the main thread updates plotly figures. plotly looks
+# pandas up in sys.modules on every trace update and would find it half-initialised if a worker were importing it
+# at that moment (`import umap` does): "partially initialized module 'pandas' has no attribute 'Series'".
+# Importing it once here, in the importing thread, closes that race.
+try:
+    import pandas  # noqa: F401
+except ImportError:  # pragma: no cover - pandas is optional for the views themselves
+    pass
+
 # ----------------------------------------------------------------------------------------------------------------
 # Look: one set of sizes and colours, so the views line up when shown one under another.
 # ----------------------------------------------------------------------------------------------------------------

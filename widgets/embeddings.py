@@ -128,6 +128,7 @@ class TokenEmbeddingExplorer(View):
         """Start the background UMAP for the selected sub-codebook unless cached or already running."""
         if self._umap_thread is not None and self._umap_thread.is_alive():
             return                        # the running thread picks up the current selection when it finishes
+        # (pandas, which `import umap` pulls in, is already imported by _common: see the note there)
         self._umap_thread = threading.Thread(target=self._umap_worker, name="unitok-umap", daemon=True)
         self._umap_thread.start()
 

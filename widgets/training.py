@@ -134,12 +134,12 @@ class TrainingDashboard(View):
                             "codes used per sub-codebook (share of K, over the recent-token window)"),
             vertical_spacing=0.11, horizontal_spacing=0.09, row_heights=[0.37, 0.33, 0.30])
         for name in LOSS_TERMS:
-            fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name=LOSS_LABELS[name], legendgroup="loss",
+            fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name=LOSS_LABELS[name],
                                        line=dict(color=LOSS_COLOURS[name], width=2 if name == "loss" else 1.3)),
                           row=1, col=1)
         fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name="batch PSNR", line=dict(color="#4e79a7", width=1),
                                    legendgroup="psnr"), row=1, col=2)
-        fig.add_trace(go.Scatter(x=[], y=[], mode="markers+lines", name="eval PSNR", legendgroup="psnr",
+        fig.add_trace(go.Scatter(x=[], y=[], mode="markers+lines", name="eval PSNR",
                                  marker=dict(color="#e15759", size=8, symbol="diamond"),
                                  line=dict(color="#e15759", dash="dot")), row=1, col=2)
         fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name="lr", line=dict(color="#9c755f"),
