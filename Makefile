@@ -29,10 +29,12 @@ data:
 test: venv
 	$(BIN)/python -m pytest -q tests
 
+# JupyterLab on 127.0.0.1 with a token (JUPYTER_TOKEN, or a fresh random one printed in the URL below).
 lab: venv
-	$(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) \
-		--ServerApp.root_dir=notebooks --IdentityProvider.token="$${JUPYTER_TOKEN:-$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(16))')}" \
-		00_quickstart.ipynb
+	@token="$${JUPYTER_TOKEN:-$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(16))')}"; \
+	echo "==> open http://127.0.0.1:$(PORT)/lab/tree/00_quickstart.ipynb?token=$$token"; \
+	exec $(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) $(if $(filter 0,$(shell id -u)),--allow-root) \
+		--ServerApp.root_dir=notebooks --IdentityProvider.token="$$token" $(CURDIR)/notebooks/00_quickstart.ipynb
 
 bench: venv
 	$(BIN)/python benchmarks/quantizer.py

@@ -79,6 +79,7 @@ def lab(tmp_path_factory):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(values))
     stored = {p: p.read_bytes() for p in NOTEBOOKS.glob("*.ipynb")}
+    had_checkpoints = (NOTEBOOKS / ".ipynb_checkpoints").exists()
 
     port, token = _free_port(), secrets.token_hex(16)
     env = dict(os.environ, UNITOK_SMOKE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
@@ -115,7 +116,8 @@ def lab(tmp_path_factory):
         for path, content in stored.items():
             if path.read_bytes() != content:
                 path.write_bytes(content)
-        shutil.rmtree(NOTEBOOKS / ".ipynb_checkpoints", ignore_errors=True)
+        if not had_checkpoints:
+            shutil.rmtree(NOTEBOOKS / ".ipynb_checkpoints", ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +211,9 @@ def _errors(page) -> list[str]:
 
 
 def _screenshot(page, locator, stem: str, docs_name: str) -> Path:
+    """Scroll `locator`'s output area to the top of the notebook view, then shoot the whole window."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    locator.scroll_into_view_if_needed()
+    page.locator(".jp-OutputArea-output", has=locator).first.evaluate("e => e.scrollIntoView({block: 'start'})")
     page.wait_for_timeout(500)                               # let plotly finish its transitions
     path = ARTIFACTS / f"{stem}.png"
     page.screenshot(path=str(path), full_page=True)
@@ -228,7 +231,7 @@ def test_quickstart_runs_in_the_browser(browser, lab):
         page.wait_for_selector(".jupyter-widgets.widget-slider, .widget-slider", state="attached", timeout=30_000)
         page.wait_for_selector(".js-plotly-plot", state="attached", timeout=30_000)
         assert page.locator(".jp-OutputArea-output", has_text="all checks passed").count() == 1
-        token_grid = page.locator(".jp-OutputArea-output .jupyter-widgets", has_text="sub-codebook").first
+        token_grid = page.locator(".widget-html-content", has_text="Token grid").first
         _screenshot(page, token_grid, "browser_00_quickstart", "quickstart.png")
     finally:
         page.close()

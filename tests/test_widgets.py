@@ -151,6 +151,18 @@ def test_dashboard_pause_stops_the_thread_and_never_runs_two(trainer):
         dash.close()
 
 
+def test_a_new_dashboard_replaces_the_old_one(trainer):
+    old = UW.TrainingDashboard(trainer)
+    old.steps.value = 1000
+    assert old.start()
+    new = UW.TrainingDashboard(trainer)             # e.g. the notebook cell was run again
+    try:
+        assert not old.running                      # paused and joined: never two workers on one trainer
+        assert old._on_step not in trainer.callbacks["step"] and new._on_step in trainer.callbacks["step"]
+    finally:
+        new.close()
+
+
 def test_dashboard_eval_callback_adds_psnr_point(trainer):
     dash = UW.TrainingDashboard(trainer)
     try:

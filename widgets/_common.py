@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import threading
 import time
 from typing import Iterable, Optional, Sequence
 
@@ -30,7 +29,6 @@ except ImportError:  # pragma: no cover - pandas is optional for the views thems
 # Look: one set of sizes and colours, so the views line up when shown one under another.
 # ----------------------------------------------------------------------------------------------------------------
 IMAGE_PX = 192          # on-screen side of one image panel: a 32 px image is upscaled x6, nearest neighbour
-TILE_PX = 64            # one patch in a gallery
 FIG_WIDTH = 940         # full-width plotly figures
 HALF_WIDTH = 460        # side-by-side plotly figures
 PLOTLY_TEMPLATE = "plotly_white"
@@ -53,11 +51,13 @@ def figure_layout(title: str = "", width: int = FIG_WIDTH, height: int = 360, **
     return layout
 
 
-def json_safe(values) -> list:
-    """Array -> (nested) list with None where a value is NaN/inf: a FigureWidget sends its data to the browser as
-    JSON, which has no NaN (the message would be dropped); plotly draws None as a gap."""
+def json_safe(values):
+    """Array with NaN/inf -> (nested) list with None there: a FigureWidget sends its data to the browser as JSON,
+    which has no NaN (the whole message would be dropped); plotly draws None as a gap. Finite arrays are returned
+    as they are (cheaper to validate and send)."""
     a = np.asarray(values, dtype=np.float64)
-    return np.where(np.isfinite(a), a, None).tolist()
+    finite = np.isfinite(a)
+    return a if finite.all() else np.where(finite, a, None).tolist()
 
 
 def hbox(children, gap: int = 10, **layout) -> W.HBox:
@@ -319,12 +319,6 @@ def style_axes_image(ax, title: str) -> None:
 
 def fmt_db(value: float) -> str:
     return "∞ dB" if math.isinf(value) else f"{value:.2f} dB"
-
-
-def background(target, name: str) -> threading.Thread:
-    thread = threading.Thread(target=target, name=name, daemon=True)
-    thread.start()
-    return thread
 
 
 def html_table(header: Sequence[str], rows: Iterable[Sequence], caption: str = "") -> str:

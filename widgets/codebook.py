@@ -23,8 +23,8 @@ import plotly.graph_objects as go
 
 from unitok import metrics as M
 
-from ._common import (json_safe, FIG_WIDTH, HALF_WIDTH, View, code_counts, codebook_colour, encode_images, figure_layout,
-                      html_table, new_figure, take_images, title_html)
+from ._common import (FIG_WIDTH, HALF_WIDTH, code_counts, codebook_colour, encode_images, figure_layout,
+                      html_table, json_safe, new_figure, take_images, title_html, View)
 
 
 class CodebookUsage(View):

@@ -20,8 +20,8 @@ import torch
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from ._common import (hbox, TILE_PX, FIG_WIDTH, View, code_counts, draw_box, encode_images, figure_layout, new_figure,
-                      pixelated_css, png_bytes, take_images, tile_grid, title_html, to_uint8, upscale)
+from ._common import (code_counts, draw_box, encode_images, figure_layout, hbox, new_figure, pixelated_css,
+                      png_bytes, take_images, tile_grid, title_html, to_uint8, upscale, View)
 
 METHODS = ("PCA", "UMAP")
 GALLERY_PX = 48        # one patch in the gallery (a 4 px patch -> x12)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 
 import ipywidgets as W
@@ -22,9 +21,9 @@ import plotly.graph_objects as go
 
 from unitok import metrics as M
 
-from ._common import (hbox, IMAGE_PX, HALF_WIDTH, View, code_counts, codebook_colour, encode_images, error_map,
-                      figure_layout, fmt_db, image_widget, inference, model_device, new_figure, pixelated_css,
-                      set_image, style_axes_image, take_items, title_html, to_uint8)
+from ._common import (HALF_WIDTH, IMAGE_PX, code_counts, codebook_colour, encode_images, error_map,
+                      figure_layout, fmt_db, hbox, image_widget, inference, model_device, new_figure,
+                      pixelated_css, set_image, style_axes_image, take_items, title_html, to_uint8, View)
 
 MODES = ("most frequent code", "random codes")
 

@@ -12,14 +12,13 @@ Hovering a cell shows all k codes; clicking selects it.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 import ipywidgets as W
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ._common import (hbox, View, encode_images, figure_layout, html_table, image_widget, new_figure, pixelated_css,
-                      set_image, take_images, title_html, to_uint8, draw_box, upscale, codebook_colour)
+from ._common import (codebook_colour, draw_box, encode_images, figure_layout, hbox, html_table, image_widget,
+                      new_figure, pixelated_css, set_image, take_images, title_html, to_uint8, upscale, View)
 
 
 class TokenGrid(View):

@@ -28,7 +28,8 @@ import ipywidgets as W
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ._common import (json_safe, hbox, LOSS_COLOURS, View, codebook_colour, figure_layout, new_figure, title_html, FIG_WIDTH)
+from ._common import (FIG_WIDTH, LOSS_COLOURS, codebook_colour, figure_layout, hbox, json_safe, new_figure,
+                      title_html, View)
 
 LOSS_TERMS = ("loss", "l1", "l2", "vq", "clip")       # "loss" is the weighted total the optimiser sees
 LOSS_LABELS = {"loss": "total", "l1": "L1", "l2": "L2 (MSE)", "vq": "VQ", "clip": "CLIP"}
@@ -57,7 +58,8 @@ class TrainingDashboard(View):
     Widgets tests and notebooks can drive: `run_button`, `pause_button`, `step_button`, `eval_button` (`.click()`),
     `steps` (IntText), `figure` (plotly FigureWidget: `loss_traces`, `psnr_trace`, `eval_trace`, `lr_trace`,
     `dead_traces`, `usage_heatmap`), `status` (HTML), `output` (Output: errors). Methods: `start(steps)`, `pause()`,
-    `wait()`, `train(n)`, `evaluate()`, `refresh()`, `ui_overhead()`, `timings`, `close()`, `static_figure()`.
+    `wait()`, `train(n)`, `evaluate()`, `refresh()`, `ui_overhead()`, `timings`, `detach()`, `close()`,
+    `static_figure()`.
     """
 
     def __init__(self, trainer, redraw_every_s: float = 1.0, steps: int = 100, max_points: int = 2000,
@@ -98,10 +100,26 @@ class TrainingDashboard(View):
         self._dirty = True
 
         self._build_widgets(steps)
+        self._replace_previous_dashboards()
         self._callbacks = (self._on_step, self._on_eval)
         trainer.add_callback("step", self._on_step)
         trainer.add_callback("eval", self._on_eval)
         self.refresh()
+
+    def _replace_previous_dashboards(self) -> None:
+        """One dashboard per trainer: re-running a notebook cell must not leave an old dashboard redrawing on every
+        step (double the cost) or training in a second thread. Older ones are paused and detached."""
+        callbacks = getattr(self.trainer, "callbacks", None)
+        if not isinstance(callbacks, dict):
+            return
+        old = {fn.__self__ for fns in callbacks.values() for fn in fns
+               if isinstance(getattr(fn, "__self__", None), TrainingDashboard)}
+        for dashboard in old:
+            dashboard.detach()
+            dashboard.status.value = "<i>replaced by a newer dashboard for this trainer</i>"
+            for button in (dashboard.run_button, dashboard.pause_button, dashboard.step_button,
+                           dashboard.eval_button):
+                button.disabled = True
 
     # ------------------------------------------------------------------ widgets
     def _build_widgets(self, steps: int) -> None:
@@ -137,7 +155,7 @@ class TrainingDashboard(View):
             fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name=LOSS_LABELS[name],
                                        line=dict(color=LOSS_COLOURS[name], width=2 if name == "loss" else 1.3)),
                           row=1, col=1)
-        fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name="batch PSNR", line=dict(color="#4e79a7", width=1),
+        fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name="batch PSNR", line=dict(color="#b07aa1", width=1),
                                    legendgroup="psnr"), row=1, col=2)
         fig.add_trace(go.Scatter(x=[], y=[], mode="markers+lines", name="eval PSNR",
                                  marker=dict(color="#e15759", size=8, symbol="diamond"),
@@ -145,7 +163,7 @@ class TrainingDashboard(View):
         fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name="lr", line=dict(color="#9c755f"),
                                    showlegend=False), row=2, col=1)
         for i in range(self.num_codebooks):
-            fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name=f"dead, sub-codebook {i}", showlegend=False,
+            fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name=str(i), legend="legend2",
                                      line=dict(color=codebook_colour(i), width=1.3),
                                      hovertemplate=f"sub-codebook {i}<br>step %{{x}}<br>dead %{{y}}<extra></extra>"),
                           row=2, col=2)
@@ -159,9 +177,12 @@ class TrainingDashboard(View):
         fig.update_yaxes(title_text="sub-codebook", dtick=1, autorange="reversed", row=3, col=1)
         fig.update_xaxes(title_text="step", row=3, col=1)
         # one legend row above the grid (inside, it would hide the top of the loss curves)
-        fig.update_layout(**figure_layout(width=FIG_WIDTH, height=800, margin=dict(l=60, r=20, t=80, b=45),
+        fig.update_layout(**figure_layout(width=FIG_WIDTH, height=800, margin=dict(l=60, r=95, t=80, b=45),
                                           legend=dict(orientation="h", yanchor="bottom", y=1.045, x=0,
-                                                      xanchor="left", font=dict(size=11))))
+                                                      xanchor="left", font=dict(size=11)),
+                                          # the dead-code lines get their own legend, beside their panel
+                                          legend2=dict(title=dict(text="sub-<br>codebook"), x=1.01, xanchor="left",
+                                                       y=0.52, yanchor="middle", font=dict(size=11))))
         fw = go.FigureWidget(fig)
         k = self.num_codebooks
         self.loss_traces = {name: fw.data[i] for i, name in enumerate(LOSS_TERMS)}
@@ -393,14 +414,18 @@ class TrainingDashboard(View):
         return {"ui_seconds": self._ui_seconds, "step_seconds": self._step_seconds, "steps": self._steps_timed,
                 "redraws": self._redraws, "ui_overhead": self.ui_overhead()}
 
-    def close(self) -> None:
-        """Stop training, detach from the trainer's callbacks and close the widgets."""
+    def detach(self) -> None:
+        """Stop training (after the current step) and stop listening to the trainer's callbacks."""
         self.pause()
         self.wait()
         for event, fn in zip(("step", "eval"), self._callbacks):
             callbacks = getattr(self.trainer, "callbacks", {}).get(event, [])
             if fn in callbacks:
                 callbacks.remove(fn)
+
+    def close(self) -> None:
+        """`detach()` and close the widgets."""
+        self.detach()
         self.widget.close()
 
     # ------------------------------------------------------------------ static picture
@@ -424,7 +449,7 @@ class TrainingDashboard(View):
         ax.set_title("loss terms", fontsize=10)
         ax.legend(fontsize=8, ncol=3)
         ax = fig.add_subplot(grid[0, 1])
-        ax.plot(c["step"], c["psnr_batch"], color="#4e79a7", lw=1, label="batch")
+        ax.plot(c["step"], c["psnr_batch"], color="#b07aa1", lw=1, label="batch")
         if evals:
             ax.plot(*zip(*evals), "D:", color="#e15759", label="eval")
         ax.set_title("PSNR (dB)", fontsize=10)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 import ipywidgets as W
@@ -22,8 +21,8 @@ import plotly.graph_objects as go
 
 from unitok import metrics as M
 
-from ._common import (IMAGE_PX, View, figure_layout, image_widget, inference, model_device, new_figure,
-                      pixelated_css, set_image, take_items, title_html, to_uint8)
+from ._common import (IMAGE_PX, figure_layout, image_widget, inference, model_device, new_figure,
+                      pixelated_css, set_image, take_items, title_html, to_uint8, View)
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 FALLBACK_CLASSES = ("circle", "square", "triangle", "star", "heart")
@@ -167,8 +166,9 @@ class ZeroShotPanel(View):
         self.update()
 
     def _on_upload(self) -> None:
-        from PIL import Image
         import io
+
+        from PIL import Image
 
         from unitok.data import pil_to_tensor
 
