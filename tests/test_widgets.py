@@ -187,6 +187,14 @@ def test_dashboard_shows_errors_and_stops():
         def add_callback(self, event, fn):
             self.callbacks[event].append(fn)
 
+        def remove_callback(self, event, fn):
+            self.callbacks[event].remove(fn)
+
+        def eval_due(self):
+            return False
+
+        checkpoint_due = eval_due
+
         def step(self):
             if self.step_count == 1:
                 raise FloatingPointError("loss became nan")

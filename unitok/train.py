@@ -210,6 +210,18 @@ class Trainer:
             raise ValueError(f"event must be one of {sorted(self.callbacks)}, got {event!r}")
         self.callbacks[event].append(fn)
 
+    def remove_callback(self, event: str, fn: Callable) -> None:
+        """Undo `add_callback` (no error if fn was not registered)."""
+        if fn in self.callbacks.get(event, []):
+            self.callbacks[event].remove(fn)
+
+    def eval_due(self) -> bool:
+        """True right after a step whose number is a multiple of config.eval_every (what `run` follows)."""
+        return bool(self.config.eval_every) and self.step_count % self.config.eval_every == 0
+
+    def checkpoint_due(self) -> bool:
+        return bool(self.config.checkpoint_every) and self.step_count % self.config.checkpoint_every == 0
+
     # ------------------------------------------------------------------ data
     def _next_batch(self) -> dict:
         if self._loader_iter is None:
@@ -304,9 +316,9 @@ class Trainer:
                 bar.update(1)
                 if self.step_count % self.config.log_every == 0:
                     bar.set_postfix(loss=f"{m['loss']:.3f}", psnr=f"{m['psnr_batch']:.1f}")
-                if self.config.eval_every and self.step_count % self.config.eval_every == 0:
+                if self.eval_due():
                     self.evaluate()
-                if self.config.checkpoint_every and self.step_count % self.config.checkpoint_every == 0:
+                if self.checkpoint_due():
                     self.save_checkpoint()
         finally:
             bar.close()

@@ -360,7 +360,7 @@ class TrainingDashboard(View):
         self.trainer.evaluate()
 
     def _train_steps(self, n: int) -> None:
-        trainer, cfg = self.trainer, self.trainer.config
+        trainer = self.trainer
         self._in_loop = True
         try:
             for _ in range(n):
@@ -371,13 +371,12 @@ class TrainingDashboard(View):
                 # time inside trainer.step, minus what our own step callback spent redrawing inside it
                 self._step_seconds += time.perf_counter() - t0 - (self._ui_seconds - ui0)
                 self._steps_timed += 1
-                if self.follow_schedule:
-                    s = trainer.step_count
-                    if getattr(cfg, "eval_every", 0) and s % cfg.eval_every == 0:
+                if self.follow_schedule:  # the same schedule as trainer.run()
+                    if trainer.eval_due():
                         self._set_state("evaluating")
                         trainer.evaluate()
                         self._set_state("running")
-                    if getattr(cfg, "checkpoint_every", 0) and s % cfg.checkpoint_every == 0:
+                    if trainer.checkpoint_due():
                         trainer.save_checkpoint()
         finally:
             self._in_loop = False
@@ -419,9 +418,7 @@ class TrainingDashboard(View):
         self.pause()
         self.wait()
         for event, fn in zip(("step", "eval"), self._callbacks):
-            callbacks = getattr(self.trainer, "callbacks", {}).get(event, [])
-            if fn in callbacks:
-                callbacks.remove(fn)
+            self.trainer.remove_callback(event, fn)
 
     def close(self) -> None:
         """`detach()` and close the widgets."""
