@@ -263,7 +263,18 @@ def test_dashboard_steps_in_the_browser(browser, lab):
                                "'.js-plotly-plot .scatterlayer .trace path.js-line');"
                                " return p && p.getAttribute('d') !== before; }", arg=path_before, timeout=30_000)
         assert loss_path() != path_before, "the loss plot did not redraw after Step"
-        page.wait_for_selector(".widget-button:not([disabled])", timeout=60_000)
+
+        # Run trains in a background thread: set the steps box, press Run, wait until it is idle again.
+        more = 12
+        dashboard = page.locator(".jp-OutputArea-output", has=status).first
+        steps_box = dashboard.locator(".widget-text input").first
+        steps_box.fill(str(more))
+        steps_box.press("Enter")
+        run_button = dashboard.locator(".widget-button", has_text=re.compile(r"^\s*Run\s*$"))
+        _poll(page, lambda: run_button.is_enabled(), 60, "the Run button to be enabled")
+        run_button.click()
+        _poll(page, lambda: shown_step() == step_before + 1 + more and "idle" in status.inner_text(), 300,
+              f"Run to train {more} steps")
         _screenshot(page, status, "browser_01_train_step_by_step", "dashboard.png")
     finally:
         page.close()

@@ -50,7 +50,9 @@ def _train(args) -> int:
               f"(starting at step {trainer.step_count}) -> {out}")
     trainer.run()
     trainer.save_checkpoint()
-    results = trainer.evaluate(fid=args.fid)
+    last = trainer.eval_history[-1] if trainer.eval_history else None
+    fresh = last is not None and last["step"] == trainer.step_count and args.fid == "none"
+    results = last if fresh else trainer.evaluate(fid=args.fid)  # run() may just have evaluated this step
     summary = trainer.write_summary(results)
     if trainer.is_main:
         _print_summary(summary)
