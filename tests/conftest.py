@@ -8,6 +8,18 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One intra-op thread for the whole suite: the test models are too small to gain from two, CPU runs are then
+    bit-for-bit repeatable, and on a shared 2-core machine two threads contend (steps get several times slower).
+    Subprocesses and notebook kernels set their own (see `subprocess_env`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 # A ~1.8 M-parameter model (most of it the CLIP token-embedding table) that still learns visibly in a few hundred
 # steps on `shapes`. Every key must exist in ModelConfig / TrainConfig (apply_overrides rejects unknown keys).

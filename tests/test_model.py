@@ -23,15 +23,6 @@ from unitok.projection import ProjectionAttention, build_projection
 CAPTIONS = ["a red circle", "a small blue square on the left"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small: one intra-op thread is faster, and immune to a busy machine's OpenMP contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def images_for(cfg: ModelConfig, batch: int = 2, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(batch, cfg.in_chans, cfg.image_size, cfg.image_size, generator=gen) * 2 - 1

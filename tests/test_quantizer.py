@@ -19,15 +19,6 @@ from unitok.quantizer import MultiCodebookQuantizer, QuantizerOutput
 HYPOTHESIS = settings(max_examples=40, deadline=None, derandomize=True, database=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small: one intra-op thread is faster, and immune to a busy machine's OpenMP contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_quantizer(dim=16, k=4, K=32, seed=0, **kwargs) -> MultiCodebookQuantizer:
     torch.manual_seed(seed)
     q = MultiCodebookQuantizer(dim, k, K, **kwargs)

@@ -30,15 +30,6 @@ TRAIN_STEPS = 200
 LOSS_TERMS = ("loss", "l1", "l2", "vq", "clip")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: bit-for-bit repeatable CPU runs, and the two cores are shared with other jobs."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _trainer(overrides, extra=(), **kwargs):
     return Trainer.from_preset("tiny", data="shapes", overrides=[*overrides, *extra], **kwargs)
 

@@ -36,16 +36,6 @@ SHRINK = dict(width=64, encoder_depth=1, decoder_depth=1, num_heads=2, latent_di
 K, k, G = 64, 4, 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: these models are too small to gain from two, and on a shared 2-core machine two
-    threads contend (steps get ~5x slower). Restored afterwards for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
