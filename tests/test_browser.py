@@ -214,6 +214,7 @@ def _screenshot(page, locator, stem: str, docs_name: str) -> Path:
     """Scroll `locator`'s output area to the top of the notebook view, then shoot the whole window."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.locator(".jp-OutputArea-output", has=locator).first.evaluate("e => e.scrollIntoView({block: 'start'})")
+    page.mouse.move(1390, 700)                               # off the plots: no hover labels or mode bars
     page.wait_for_timeout(500)                               # let plotly finish its transitions
     path = ARTIFACTS / f"{stem}.png"
     page.screenshot(path=str(path), full_page=True)
@@ -225,6 +226,7 @@ def _screenshot(page, locator, stem: str, docs_name: str) -> Path:
 
 
 def test_quickstart_runs_in_the_browser(browser, lab):
+    """00 runs without a traceback; the TokenGrid's sliders and plotly figure are drawn."""
     page = _open_and_run_all(browser, lab, "00_quickstart.ipynb")
     try:
         assert not _errors(page), _errors(page)
@@ -238,6 +240,7 @@ def test_quickstart_runs_in_the_browser(browser, lab):
 
 
 def test_dashboard_steps_in_the_browser(browser, lab):
+    """01 runs; then the dashboard's Step and Run buttons train the live trainer and the plots redraw."""
     page = _open_and_run_all(browser, lab, "01_train_step_by_step.ipynb")
     try:
         assert not _errors(page), _errors(page)
@@ -252,17 +255,13 @@ def test_dashboard_steps_in_the_browser(browser, lab):
         def loss_path() -> str:
             return page.locator(".js-plotly-plot .scatterlayer .trace path.js-line").first.get_attribute("d") or ""
 
+        # Step: one more training step in the kernel; the status line and the loss curve follow.
         step_before, path_before = shown_step(), loss_path()
         step_button.scroll_into_view_if_needed()
         step_button.click()
-        deadline = time.monotonic() + 120
-        while shown_step() <= step_before and time.monotonic() < deadline:
-            page.wait_for_timeout(500)
-        assert shown_step() == step_before + 1, "the dashboard's status did not show the extra step"
-        page.wait_for_function("(before) => { const p = document.querySelector("
-                               "'.js-plotly-plot .scatterlayer .trace path.js-line');"
-                               " return p && p.getAttribute('d') !== before; }", arg=path_before, timeout=30_000)
-        assert loss_path() != path_before, "the loss plot did not redraw after Step"
+        _poll(page, lambda: shown_step() > step_before, 120, "the status to show the extra step")
+        assert shown_step() == step_before + 1, "Step must train exactly one step"
+        _poll(page, lambda: loss_path() != path_before, 30, "the loss plot to redraw after Step")
 
         # Run trains in a background thread: set the steps box, press Run, wait until it is idle again.
         more = 12
