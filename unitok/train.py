@@ -15,7 +15,6 @@ the optimizer state, the step, the codebook tracker and the history. Checkpoints
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
 from . import metrics as M
-from .config import ModelConfig, Preset, TrainConfig, apply_overrides, from_dict, get_preset, to_dict
+from .config import ModelConfig, Preset, TrainConfig, apply_overrides, get_preset, to_dict
 from .data import build_dataset
 from .losses import UniTokLoss
 from .model import UniTok, _atomic_write, load_state_dict_checked

@@ -143,7 +143,7 @@ class TokenGrid(View):
         self.figure.layout.shapes = self._grid_shapes + [dict(box, xref="x", yref="y"),
                                                          dict(box, xref="x2", yref="y2")]
         codes = self.codes[r, c]
-        K, k = self.codebook_size, self.num_codebooks
+        k = self.num_codebooks
         rows = []
         for i in range(k):
             same = int((self.codes[..., i] == codes[i]).sum()) - 1      # other tokens of this image with that code
@@ -160,7 +160,7 @@ class TokenGrid(View):
 
     # ------------------------------------------------------------------ static picture
     def static_figure(self):
-        g, p, i = self.grid_size, self.patch_size, self.codebook.value
+        g, i = self.grid_size, self.codebook.value
         r, c = self.row.value, self.col.value
         fig = new_figure(11, 4.4)
         ax = fig.add_subplot(1, 3, 1)
