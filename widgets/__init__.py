@@ -3,16 +3,20 @@
     >>> from unitok_widgets import TrainingDashboard, CodebookUsage, ReconstructionViewer
     >>> from unitok_widgets import TokenEmbeddingExplorer, TokenGrid, ZeroShotPanel
 
-Every view has `.widget` (an ipywidgets container, shown when the view is the cell's last expression or passed to
-`display`) and `static_figure()` (a matplotlib Figure of the same content, for notebooks rendered without a kernel).
+Every view is built the same way, `View(model, data, *, options)` (the dashboard takes a Trainer, which holds both),
+with the same option names (`num_images`, `index`, `px`, `seed`) and the same control names (`index`, `codebook`,
+`status`, `figure`). Every view has `.widget` (an ipywidgets container, shown when the view is the cell's last
+expression or passed to `display`), `static_figure()` (a matplotlib Figure of the same content, for notebooks
+rendered without a kernel) and `close()`. `notebook_setup()` is the notebooks' one-line set-up (modes, paths).
 The library (`unitok`) never imports this package.
 """
 from .codebook import CodebookUsage
 from .embeddings import TokenEmbeddingExplorer
+from .lab import Lab, notebook_setup
 from .reconstruction import ReconstructionViewer
 from .token_grid import TokenGrid
 from .training import TrainingDashboard
 from .zero_shot import ZeroShotPanel
 
 __all__ = ["TrainingDashboard", "CodebookUsage", "ReconstructionViewer", "TokenEmbeddingExplorer", "TokenGrid",
-           "ZeroShotPanel"]
+           "ZeroShotPanel", "Lab", "notebook_setup"]

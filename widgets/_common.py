@@ -16,6 +16,8 @@ import torch
 
 import ipywidgets as W
 
+from unitok.runtime import eval_mode, model_device, model_lock  # noqa: F401  (re-exported for the views)
+
 # Background threads (training, UMAP) may import modules while the main thread updates plotly figures. plotly looks
 # pandas up in sys.modules on every trace update and would find it half-initialised if a worker were importing it
 # at that moment (`import umap` does): "partially initialized module 'pandas' has no attribute 'Series'".
@@ -118,10 +120,19 @@ def set_image(widget: W.Image, array: np.ndarray, px: Optional[int] = None) -> N
     widget.value = png_bytes(upscale(to_uint8(array), size=px or IMAGE_PX))
 
 
+VIEW_CSS = """<style>
+.unitok-pixelated {image-rendering: pixelated;}
+/* A disabled button must look disabled: JupyterLab's default keeps a coloured (e.g. green) button nearly as
+   bright as an enabled one. Grey it out and show a 'not allowed' cursor. */
+.unitok-view button:disabled, .unitok-view .jupyter-button:disabled, .unitok-view .widget-button:disabled {
+  opacity: 0.38 !important; filter: grayscale(100%); cursor: not-allowed !important; box-shadow: none !important;}
+</style>"""
+
+
 def pixelated_css() -> W.HTML:
-    """A tiny style tag: browsers smooth images they rescale; this keeps pixels square in the views that add it."""
-    return W.HTML("<style>.unitok-pixelated {image-rendering: pixelated;}</style>",
-                  layout=W.Layout(height="0px", margin="0"))
+    """A tiny style tag shared by every view: square pixels when the browser rescales an image (browsers smooth
+    them otherwise), and disabled buttons drawn greyed out."""
+    return W.HTML(VIEW_CSS, layout=W.Layout(height="0px", margin="0"))
 
 
 def error_map(original: torch.Tensor, reconstruction: torch.Tensor, vmax: float = 1.0,
@@ -224,26 +235,17 @@ def take_images(source, n: Optional[int] = None) -> torch.Tensor:
     return take_items(source, n)[0]
 
 
-def model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 @contextlib.contextmanager
 def inference(model):
-    """eval mode + no_grad for the duration, restoring the model's training flag afterwards.
+    """Eval mode + no_grad for the duration, holding the model's lock, restoring its training flag afterwards.
 
-    (A dashboard may be training the same model in a background thread: its Trainer sets train mode again at
-    every step, and these tiny models have no dropout, so briefly switching to eval is harmless.)
+    This is `unitok.runtime.eval_mode`: the TrainingDashboard trains in a background thread while the other views
+    switch the *same* model to eval mode from the main thread. `Trainer.step` and `eval_mode` hold the same
+    per-model lock (`model_lock`), so a view waits for the current step to end instead of flipping the model to
+    eval mode in the middle of it (with dead-code restart on, that batch would go uncounted).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        yield
 
 
 def encode_images(model, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
@@ -280,14 +282,30 @@ class Throttle:
         self.last = time.perf_counter()
 
 
+def close_tree(widget) -> None:
+    """Close an ipywidgets widget and every widget below it (`Widget.close` alone leaves the children open, and
+    each open widget keeps a comm to the browser)."""
+    for child in getattr(widget, "children", ()) or ():
+        close_tree(child)
+    widget.close()
+
+
 class View:
     """Base class: every view has `.widget` (an ipywidgets container) and shows it when displayed.
 
+    The constructor shape is the same for every view: `View(model, data=None, *, options)` where `data` is a
+    dataset, an image batch (B, 3, S, S) in [-1, 1], one image or dataset item, or a list of them, and options
+    share names across views (`num_images`, `px`, `seed`, `index`). Controls with the same role share a name:
+    `index` (which image), `codebook` (which sub-codebook), `status` (an HTML line for messages and warnings),
+    `figure` (the main plotly figure).
+
     Subclasses also provide `static_figure()`: a matplotlib Figure of the same content for notebooks rendered
-    without a kernel (saved outputs keep a PNG, not live widgets).
+    without a kernel (saved outputs keep a PNG, not live widgets). `close()` stops any background work and closes
+    every widget of the view.
     """
 
     widget: W.Widget
+    closed: bool = False
 
     def display(self):
         from IPython.display import display
@@ -297,8 +315,20 @@ class View:
     def _ipython_display_(self):
         self.display()
 
+    def close(self) -> None:
+        """Stop background work (subclasses) and close every widget of the view. Safe to call twice."""
+        self.closed = True
+        if getattr(self, "widget", None) is not None:
+            close_tree(self.widget)
+
     def static_figure(self):  # pragma: no cover - every view overrides it
         raise NotImplementedError
+
+    def _root(self, children) -> W.VBox:
+        """The view's outer box, with the shared style and the class the style applies to."""
+        box = W.VBox([pixelated_css(), *children])
+        box.add_class("unitok-view")
+        return box
 
 
 def new_figure(width: float, height: float):

@@ -1,6 +1,6 @@
 """CodebookUsage: how each sub-codebook is used over a stated window of tokens.
 
-    >>> CodebookUsage(model, dataset)                      # encode the dataset's first images, then inspect
+    >>> CodebookUsage(model, dataset, num_images=256)      # encode the dataset's first images, then inspect
     >>> CodebookUsage(codes, codebook_size=256)            # codes (..., k) you already have
     >>> CodebookUsage(metrics.codebook_stats(codes, K))    # just the statistics (no frequency curves)
     >>> CodebookUsage(trainer)                             # the trainer's window of recent training tokens
@@ -8,7 +8,7 @@
 Shows, per sub-codebook: sorted code frequencies (log y; where the curve stops, the remaining codes are dead), a
 table of usage / dead codes / perplexity / normalised entropy with the window (N tokens) stated, and the k x k
 mutual-information heatmap (are the chunks really independent?). All statistics come from
-`unitok.metrics.codebook_stats`, the project's one definition.
+`unitok.codebook_stats.codebook_stats`, the project's one definition.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from unitok import metrics as M
+from unitok import codebook_stats as M
 
 from ._common import (FIG_WIDTH, HALF_WIDTH, code_counts, codebook_colour, encode_images, figure_layout,
                       html_table, json_safe, new_figure, take_images, title_html, View)
@@ -31,24 +31,23 @@ class CodebookUsage(View):
     """Per-sub-codebook usage statistics with frequency plots, a table and a mutual-information heatmap.
 
     Args:
-        source: a UniTok model (with `images`), codes (..., k) int (with `codebook_size`), a stats dict from
-            `unitok.metrics.codebook_stats`, or a Trainer (its codebook tracker's window of recent tokens).
-        images: for a model: images (B, 3, S, S) in [-1, 1], a dataset, or a list of items.
-        window: number of tokens to use (the first `window` tokens); None = everything given (for a dataset,
-            its first `max_images` images).
-        codebook_size: K, needed when `source` is a codes tensor.
-        max_images: cap on images encoded from a dataset when `window` is None.
+        model: a UniTok model (with `data`); or, in the same place, codes (..., k) int (with `codebook_size`), a
+            stats dict from `unitok.codebook_stats.codebook_stats`, or a Trainer (its window of recent training tokens).
+        data: for a model: images (B, 3, S, S) in [-1, 1], a dataset, or a list of items.
+        num_images: how many of the data's first images to encode when `window` is None.
+        window: number of tokens to use (the first `window` tokens); None = everything given.
+        codebook_size: K, needed when `model` is a codes tensor.
 
     Drivable: `codebook` (Dropdown, the detail plot's sub-codebook). Read: `stats` (the codebook_stats dict),
     `counts` ((k, K) numpy, None for a stats dict), `window_tokens`, `table` (HTML), `overview_figure`,
     `detail_figure`, `mi_figure` (FigureWidgets).
     """
 
-    def __init__(self, source, images=None, window: Optional[int] = None, codebook_size: Optional[int] = None,
-                 max_images: int = 512, batch_size: int = 128):
-        self.codes, self.stats, self.source_text = self._resolve(source, images, window, codebook_size,
-                                                                 max_images, batch_size)
-        self.num_codebooks = int(self.stats.get("num_codebooks", len(self.stats["usage"])))
+    def __init__(self, model, data=None, *, num_images: int = 512, window: Optional[int] = None,
+                 codebook_size: Optional[int] = None, batch_size: int = 128):
+        self.codes, self.stats, self.source_text = self._resolve(model, data, window, codebook_size,
+                                                                 num_images, batch_size)
+        self.num_codebooks = int(self.stats.get("num_codebooks", len(self.stats["codebook_usage"])))
         self.codebook_size = self._codebook_size(self.stats, codebook_size)
         self.window_tokens = int(self.stats["window_tokens"])
         self.counts = code_counts(self.codes, self.codebook_size) if self.codes is not None else None
@@ -59,8 +58,8 @@ class CodebookUsage(View):
     def _resolve(source, images, window, codebook_size, max_images, batch_size):
         """-> (codes (N, k) or None, stats dict, a sentence saying where the tokens came from)."""
         if isinstance(source, dict):
-            if "usage" not in source or "window_tokens" not in source:
-                raise ValueError("expected a stats dict from unitok.metrics.codebook_stats (keys 'usage', "
+            if "codebook_usage" not in source or "window_tokens" not in source:
+                raise ValueError("expected a stats dict from unitok.codebook_stats.codebook_stats (keys 'codebook_usage', "
                                  f"'window_tokens', ...), got keys {sorted(source)[:8]}")
             return None, dict(source), f"statistics given over {source['window_tokens']:,} tokens"
         if isinstance(source, (torch.Tensor, np.ndarray)):
@@ -72,7 +71,7 @@ class CodebookUsage(View):
             what = "given codes"
         elif hasattr(source, "encode") and hasattr(source, "config"):          # a UniTok model
             if images is None:
-                raise ValueError("CodebookUsage(model) needs images=: a (B, 3, S, S) tensor or a dataset to encode")
+                raise ValueError("CodebookUsage(model) needs data: a (B, 3, S, S) tensor or a dataset to encode")
             cfg = source.config
             per_image = cfg.grid_size ** 2
             n = max_images if window is None else math.ceil(window / per_image)
@@ -101,7 +100,7 @@ class CodebookUsage(View):
         if given:
             return int(given)
         # stats_from_counts has no "codebook_size": K = dead / (1 - usage) for any partly used sub-codebook
-        for dead, usage in zip(stats["dead"], stats["usage"]):
+        for dead, usage in zip(stats["dead_codes"], stats["codebook_usage"]):
             if usage < 1:
                 return int(round(dead / (1 - usage)))
         raise ValueError("cannot tell the codebook size from these statistics; pass codebook_size=K")
@@ -129,16 +128,18 @@ class CodebookUsage(View):
         header = W.HTML(title_html("Codebook usage",
                                    f"window: N = {N:,} tokens ({self.source_text}); k = {k} sub-codebooks of "
                                    f"K = {K} codes"))
-        self.widget = W.VBox([header, self.table, W.HBox([self.overview_figure, self.mi_figure]),
-                              self.codebook, self.detail_figure])
+        self.figure = self.overview_figure          # the main figure, under the name every view uses
+        self.widget = self._root([header, self.table,
+                                  W.HBox([self.overview_figure, self.mi_figure], layout=W.Layout(flex_flow="row wrap")),
+                                  self.codebook, self.detail_figure])
 
     def _table_html(self) -> str:
         s, K = self.stats, self.codebook_size
         rows = []
         for i in range(self.num_codebooks):
-            used = K - int(s["dead"][i])
-            rows.append([f"<span style='color:{codebook_colour(i)}'>■</span> {i}", f"{100 * s['usage'][i]:.1f} %",
-                         f"{used} / {K}", int(s["dead"][i]), f"{s['perplexity'][i]:.1f}",
+            used = K - int(s["dead_codes"][i])
+            rows.append([f"<span style='color:{codebook_colour(i)}'>■</span> {i}", f"{100 * s['codebook_usage'][i]:.1f} %",
+                         f"{used} / {K}", int(s["dead_codes"][i]), f"{s['perplexity'][i]:.1f}",
                          f"{s['normalized_entropy'][i]:.3f}", f"{100 * s['batch_usage'][i]:.1f} %"])
         caption = (f"Window: N = {self.window_tokens:,} tokens. Usage = share of the K codes chosen at least once; "
                    f"perplexity = exp(H); normalised entropy = H / ln K; reference usage = share of codes with "
@@ -159,7 +160,7 @@ class CodebookUsage(View):
         k, K = self.num_codebooks, self.codebook_size
         if self.counts is None:      # statistics only: bars of usage and normalised entropy
             x = list(range(k))
-            return [go.Bar(x=x, y=self.stats["usage"], name="usage", marker_color=[codebook_colour(i) for i in x]),
+            return [go.Bar(x=x, y=self.stats["codebook_usage"], name="usage", marker_color=[codebook_colour(i) for i in x]),
                     go.Scatter(x=x, y=self.stats["normalized_entropy"], name="norm. entropy", mode="markers",
                                marker=dict(color="#222", size=9, symbol="diamond"))]
         traces = []
@@ -200,7 +201,7 @@ class CodebookUsage(View):
         with fig.batch_update():
             fig.data = []
             if self.counts is None:
-                fig.add_bar(x=list(range(self.num_codebooks)), y=s["usage"],
+                fig.add_bar(x=list(range(self.num_codebooks)), y=s["codebook_usage"],
                             marker_color=["#d62728" if j == i else "#bbb" for j in range(self.num_codebooks)],
                             hovertemplate="sub-codebook %{x}<br>usage %{y:.1%}<extra></extra>")
                 fig.update_yaxes(type="linear", title_text="usage", tickformat=".0%")
@@ -220,8 +221,8 @@ class CodebookUsage(View):
                 fig.update_yaxes(type="log", title_text="frequency", exponentformat="power")
                 fig.update_xaxes(title_text="rank (codes sorted by frequency)", range=[0.5, K + 0.5])
             fig.layout.showlegend = False
-            fig.layout.title.text = (f"sub-codebook {i}: {K - int(s['dead'][i])} of {K} codes used, "
-                                     f"{int(s['dead'][i])} dead, perplexity {s['perplexity'][i]:.1f}, "
+            fig.layout.title.text = (f"sub-codebook {i}: {K - int(s['dead_codes'][i])} of {K} codes used, "
+                                     f"{int(s['dead_codes'][i])} dead, perplexity {s['perplexity'][i]:.1f}, "
                                      f"normalised entropy {s['normalized_entropy'][i]:.3f} "
                                      f"(N = {self.window_tokens:,} tokens)")
         # the overview highlights the selected sub-codebook
@@ -249,16 +250,16 @@ class CodebookUsage(View):
             ax.set_title("sorted code frequency", fontsize=10)
             ax.legend(fontsize=7, ncol=2, title="sub-codebook", title_fontsize=7)
         else:
-            ax.bar(range(k), s["usage"], color=[codebook_colour(i) for i in range(k)])
+            ax.bar(range(k), s["codebook_usage"], color=[codebook_colour(i) for i in range(k)])
             ax.set_title("usage per sub-codebook", fontsize=10)
         ax = fig.add_subplot(grid[0, 1])
         x = np.arange(k)
-        ax.bar(x - 0.2, s["usage"], 0.4, label="usage", color="#4e79a7")
+        ax.bar(x - 0.2, s["codebook_usage"], 0.4, label="usage", color="#4e79a7")
         ax.bar(x + 0.2, s["normalized_entropy"], 0.4, label="norm. entropy", color="#f28e2b")
         ax.set_ylim(0, 1.05)
         ax.set_xticks(x)
         ax.set_xlabel("sub-codebook")
-        ax.set_title(f"usage / entropy (dead: {', '.join(str(int(d)) for d in s['dead'])})", fontsize=9)
+        ax.set_title(f"usage / entropy (dead: {', '.join(str(int(d)) for d in s['dead_codes'])})", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
         ax = fig.add_subplot(grid[0, 2])
         if "mutual_information" in s:

@@ -20,7 +20,7 @@ import torch
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from ._common import (code_counts, draw_box, encode_images, figure_layout, hbox, new_figure, pixelated_css,
+from ._common import (code_counts, draw_box, encode_images, figure_layout, hbox, inference, new_figure,
                       png_bytes, take_images, tile_grid, title_html, to_uint8, upscale, View)
 
 METHODS = ("PCA", "UMAP")
@@ -60,7 +60,7 @@ class TokenEmbeddingExplorer(View):
 
     Args:
         model: a UniTok model (its `quantizer.normalized_codebooks()` are the points).
-        dataset: images to count code use on and to cut patches from (dataset, tensor or list); None = no counts,
+        data: images to count code use on and to cut patches from (dataset, tensor or list); None = no counts,
             no gallery.
         num_images: how many of the dataset's first images to encode.
         method: "umap" (PCA preview, UMAP in a background thread) or "pca" (PCA only; UMAP only if asked for).
@@ -73,8 +73,9 @@ class TokenEmbeddingExplorer(View):
     `wait()` joins the UMAP thread.
     """
 
-    def __init__(self, model, dataset=None, num_images: int = 256, method: str = "umap", max_patches: int = 48,
+    def __init__(self, model, data=None, *, num_images: int = 256, method: str = "umap", max_patches: int = 48,
                  context: int = 0, seed: int = 0, umap_kwargs: Optional[dict] = None):
+        dataset = data
         if method.lower() not in ("umap", "pca"):
             raise ValueError(f"method must be 'umap' or 'pca', got {method!r}")
         cfg = model.config
@@ -82,7 +83,7 @@ class TokenEmbeddingExplorer(View):
         self.num_codebooks, self.codebook_size = cfg.num_codebooks, cfg.codebook_size
         self.patch_size, self.grid_size = cfg.patch_size, cfg.grid_size
         self.max_patches, self.seed, self.umap_kwargs = int(max_patches), int(seed), dict(umap_kwargs or {})
-        with torch.no_grad():
+        with inference(model):        # the model's lock: a dashboard may be updating these codebooks right now
             self.vectors = model.quantizer.normalized_codebooks().detach().float().cpu().numpy()   # (k, K, d)
         if dataset is not None:
             self.images = take_images(dataset, num_images)                                         # (B, 3, S, S)
@@ -134,7 +135,7 @@ class TokenEmbeddingExplorer(View):
 
     def _umap_worker(self) -> None:
         # Keep going while the selection asks for a UMAP we do not have yet (the user may switch meanwhile).
-        while self.method.value == "UMAP" and self.projection() is None:
+        while not self.closed and self.method.value == "UMAP" and self.projection() is None:
             i = self.codebook.value
             try:
                 self.compute_umap(i)
@@ -142,13 +143,18 @@ class TokenEmbeddingExplorer(View):
                 self.umap_error = error
                 self.status.value = f"<span style='color:#c33'>UMAP failed ({error}); showing PCA</span>"
                 return
-            if self.codebook.value == i and self.method.value == "UMAP":
+            if not self.closed and self.codebook.value == i and self.method.value == "UMAP":
                 self._redraw_map()
 
     def wait(self, timeout: Optional[float] = None) -> None:
         """Join the background UMAP thread (if any)."""
         if self._umap_thread is not None:
             self._umap_thread.join(timeout)
+
+    def close(self) -> None:
+        """Stop redrawing from the UMAP thread (it finishes its current fit in the background) and close the
+        widgets."""
+        super().close()
 
     # ------------------------------------------------------------------ widgets
     def _build_widgets(self, context: int, method: str) -> None:
@@ -188,8 +194,8 @@ class TokenEmbeddingExplorer(View):
         gallery_box = W.VBox([hbox([self.code, self.show_context]),
                               self.gallery_label, self.gallery],
                              layout=W.Layout(width=f"{GALLERY_COLUMNS * (GALLERY_PX + 3) + 20}px", margin="0 0 0 12px"))
-        self.widget = W.VBox([pixelated_css(), header, hbox([self.codebook, self.method, self.status]),
-                              W.HBox([self.figure, gallery_box])])
+        self.widget = self._root([header, hbox([self.codebook, self.method, self.status]),
+                                  W.HBox([self.figure, gallery_box], layout=W.Layout(flex_flow="row wrap"))])
 
     def _on_codebook(self) -> None:
         # a fresh sub-codebook: start on its most used code

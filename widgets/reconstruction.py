@@ -19,11 +19,11 @@ import torch
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from unitok import metrics as M
+from unitok import image_metrics as M
 
 from ._common import (HALF_WIDTH, IMAGE_PX, code_counts, codebook_colour, encode_images, error_map,
                       figure_layout, fmt_db, hbox, image_widget, inference, model_device, new_figure,
-                      pixelated_css, set_image, style_axes_image, take_items, title_html, to_uint8, View)
+                      set_image, style_axes_image, take_items, title_html, to_uint8, View)
 
 MODES = ("most frequent code", "random codes")
 
@@ -39,39 +39,43 @@ class ReconstructionViewer(View):
 
     Args:
         model: a UniTok model.
-        dataset: a dataset of items {"image", "caption", ...}, or images (B, 3, S, S) in [-1, 1].
+        data: a dataset of items {"image", "caption", ...}, or images (B, 3, S, S) in [-1, 1].
         other_model: optional second UniTok (same image size) shown next to the first when `compare` is ticked.
-        ablation_batch: how many of the first images define each sub-codebook's most frequent code.
+        num_images: how many of the data's first images the `index` slider can pick (None: all).
+        index: the image shown first.
+        ablation_images: how many of the first images define each sub-codebook's most frequent code.
         seed: seeds the random replacement codes (same image, same sub-codebook -> same codes).
         error_vmax: absolute error mapped to the top of the colour map (pixels are in [-1, 1]).
 
-    Drivable: `index` (IntSlider), `ablate` (Dropdown: None or a sub-codebook), `mode` (ToggleButtons, MODES),
+    Drivable: `index` (IntSlider), `codebook` (Dropdown: None or the sub-codebook to ablate; `ablate` is the same
+    widget under its older name), `mode` (ToggleButtons, MODES),
     `compare` (Checkbox), `drops_button` (Button: PSNR drop of every sub-codebook over the first batch).
     Read: `result` (dict: original, reconstruction, ablated, other, error_map and the PSNRs), `info` (HTML),
     `most_frequent` ((k,) codes), `panels` (name -> (label, image) widgets).
     """
 
-    def __init__(self, model, dataset, other_model=None, ablation_batch: int = 64, seed: int = 0,
-                 error_vmax: float = 1.0, px: int = IMAGE_PX):
-        self.model, self.other_model, self.dataset = model, other_model, dataset
+    def __init__(self, model, data, *, other_model=None, num_images: Optional[int] = None, index: int = 0,
+                 ablation_images: int = 64, seed: int = 0, error_vmax: float = 1.0, px: int = IMAGE_PX):
+        self.model, self.other_model, self.dataset = model, other_model, data
+        dataset = data
         cfg = model.config
         self.num_codebooks, self.codebook_size = cfg.num_codebooks, cfg.codebook_size
         if other_model is not None and other_model.config.image_size != cfg.image_size:
             raise ValueError(f"other_model works on {other_model.config.image_size} px images but model on "
                              f"{cfg.image_size} px; expected the same image size to compare reconstructions")
         self.seed, self.error_vmax, self.px = int(seed), float(error_vmax), int(px)
-        self.num_images = len(dataset)
+        self.num_images = len(dataset) if num_images is None else min(int(num_images), len(dataset))
         if self.num_images == 0:
             raise ValueError("ReconstructionViewer expected a non-empty dataset or image batch")
 
         # Most frequent code of each sub-codebook over the first batch: the "neutral" replacement for ablation.
-        self.ablation_images = take_items(dataset, ablation_batch)[0]
+        self.ablation_images = take_items(dataset, ablation_images)[0]
         self._batch_codes = encode_images(model, self.ablation_images)                   # (B, H, W, k)
         counts = code_counts(self._batch_codes, self.codebook_size)                     # (k, K)
         self.most_frequent = torch.from_numpy(counts.argmax(1))                         # (k,)
         self.result: dict = {}
         self.drops: Optional[dict] = None
-        self._build_widgets()
+        self._build_widgets(index)
         self.update()
 
     # ------------------------------------------------------------------ computation
@@ -138,12 +142,14 @@ class ReconstructionViewer(View):
         return self.drops
 
     # ------------------------------------------------------------------ widgets
-    def _build_widgets(self) -> None:
+    def _build_widgets(self, index: int = 0) -> None:
         k = self.num_codebooks
-        self.index = W.IntSlider(value=0, min=0, max=self.num_images - 1, description="image",
+        self.index = W.IntSlider(value=min(max(index, 0), self.num_images - 1), min=0, max=self.num_images - 1,
+                                 description="image",
                                  continuous_update=False, layout=W.Layout(width="420px"))
         self.ablate = W.Dropdown(options=[("none", None)] + [(f"sub-codebook {i}", i) for i in range(k)],
                                  value=None, description="ablate", layout=W.Layout(width="230px"))
+        self.codebook = self.ablate          # the name every view gives its sub-codebook picker
         self.mode = W.ToggleButtons(options=list(MODES), value=MODES[0], style={"button_width": "150px"})
         self.compare = W.Checkbox(value=False, description="compare with other model", indent=False,
                                   disabled=self.other_model is None,
@@ -171,9 +177,10 @@ class ReconstructionViewer(View):
                                    f"{self.num_images} images; ablation replaces one sub-codebook's codes "
                                    f"(most frequent code over the first {len(self.ablation_images)} images, "
                                    f"or random codes) and decodes"))
-        self.widget = W.VBox([pixelated_css(), header, self.index, W.HBox([self.ablate, self.mode]),
-                              hbox([self.compare, self.drops_button], gap=20),
-                              W.HBox(boxes), self.info, self.drops_area])
+        self.status = self.info               # the name every view gives its message line
+        self.widget = self._root([header, self.index, W.HBox([self.ablate, self.mode]),
+                                  hbox([self.compare, self.drops_button], gap=20),
+                                  W.HBox(boxes, layout=W.Layout(flex_flow="row wrap")), self.info, self.drops_area])
 
     def _error_legend(self) -> str:
         return (f"<div style='width:{self.px}px;height:10px;background:linear-gradient(to right,#000004,#420a68,"

@@ -1,13 +1,16 @@
 """TokenGrid: the H x W x k code grid of one image, drawn over the image.
 
-    >>> grid = TokenGrid(model, dataset[0])       # an item, an image (3, S, S) or a batch of one
+    >>> grid = TokenGrid(model, dataset)          # a dataset, a batch, one image (3, S, S) or one dataset item
+    >>> grid.index.value = 3                      # which image (of the first `num_images`)
     >>> grid.codebook.value = 2                   # which sub-codebook's code ids the heatmap shows
-    >>> grid.row.value, grid.col.value = 3, 5     # (or click a patch) -> that token's k codes in the table
+    >>> grid.select(3, 5)                         # (or click a patch) -> that token's k codes in the table
     >>> grid.selected_codes                       # == model.encode(image)[0, 3, 5].tolist()
 
 Left: the image, large, with the token grid (every cell is one patch_size x patch_size patch = one token); an
-optional colour overlay of the selected sub-codebook's codes. Right: the code ids of that sub-codebook as a heatmap.
-Hovering a cell shows all k codes; clicking selects it.
+optional colour overlay of the selected sub-codebook's codes. Right: the code ids of that sub-codebook, written in
+every cell. Colours are *identities*, not a scale: the `PALETTE_SIZE` codes that occur most often in this image
+(at least twice) each get their own colour, so equal colour really means the same code; every other cell is grey
+(a code that is rarer in this image: read its number). Hovering a cell shows all k codes; clicking selects it.
 """
 from __future__ import annotations
 
@@ -17,32 +20,68 @@ import ipywidgets as W
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ._common import (codebook_colour, draw_box, encode_images, figure_layout, hbox, html_table, image_widget,
-                      new_figure, pixelated_css, set_image, take_images, title_html, to_uint8, upscale, View)
+from ._common import (codebook_colour, draw_box, encode_images, figure_layout, html_table, image_widget,
+                      new_figure, set_image, take_images, title_html, to_uint8, upscale, View)
+
+# Qualitative colours for code identities (Tableau-10 without its grey), and the grey for all other codes.
+IDENTITY_COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
+                    "#9c755f")
+OTHER_COLOUR = "#d9d9d9"
+PALETTE_SIZE = len(IDENTITY_COLOURS)
+
+
+def identity_slots(codes: np.ndarray, size: int = PALETTE_SIZE) -> tuple[np.ndarray, list[int]]:
+    """codes (H, W) int -> (slots (H, W) int, the codes that got a colour, most frequent first).
+
+    The `size` most frequent codes that occur at least twice get slots 0..size-1 (ties broken by the smaller code
+    id, so the picture is deterministic); every other cell gets slot `size` (grey). A code seen once has nothing
+    to be matched with, so it never takes a colour from a code that repeats.
+    """
+    values, counts = np.unique(codes, return_counts=True)
+    order = sorted((c for c in range(len(values)) if counts[c] >= 2), key=lambda c: (-counts[c], values[c]))
+    coloured = [int(values[c]) for c in order[:size]]
+    slots = np.full(codes.shape, size, dtype=np.int64)
+    for slot, code in enumerate(coloured):
+        slots[codes == code] = slot
+    return slots, coloured
+
+
+def _discrete_colorscale(size: int = PALETTE_SIZE) -> list:
+    """A plotly colorscale with size + 1 flat bands for z = 0..size (z = size is grey)."""
+    colours = list(IDENTITY_COLOURS[:size]) + [OTHER_COLOUR]
+    n = len(colours)
+    scale = []
+    for i, colour in enumerate(colours):
+        scale += [[i / n, colour], [(i + 1) / n, colour]]
+    return scale
 
 
 class TokenGrid(View):
-    """One image's token grid: image + grid lines, code-id heatmap per sub-codebook, and a patch's k codes.
+    """One image's token grid: image + grid lines, code ids per sub-codebook, and a patch's k codes.
 
     Args:
         model: a UniTok model.
-        image: (3, S, S) or (1, 3, S, S) in [-1, 1], a dataset item, or a dataset (its first image).
+        data: a dataset, images (B, 3, S, S) in [-1, 1], one image (3, S, S), a dataset item, or a list.
+        index: the image shown first.
+        num_images: how many of the data's first images the `index` slider can pick.
         px: on-screen size of each of the two panels.
 
-    Drivable: `codebook` (Dropdown), `row` / `col` (IntSliders; clicking a cell in `figure` sets them),
-    `opacity` (FloatSlider, the code overlay on the image). Read: `codes` ((H, W, k) numpy), `selected_codes`
-    (list of k ints of the selected patch), `table` (HTML), `patch_image` (Image). `set_image(image)` switches
-    to another image.
+    Drivable: `index` (IntSlider, which image), `codebook` (Dropdown), `row` / `col` (IntSliders; clicking a
+    cell in `figure` sets them), `opacity` (FloatSlider, the code overlay on the image). Read: `codes`
+    ((H, W, k) numpy), `selected_codes` (list of k ints of the selected patch), `slots` ((H, W): colour slot of
+    each cell, PALETTE_SIZE = grey), `coloured_codes`, `table` (HTML), `patch_image` (Image). `set_image(image)`
+    shows any other image.
     """
 
-    def __init__(self, model, image, px: int = 320):
+    def __init__(self, model, data, *, index: int = 0, num_images: int = 64, px: int = 280):
         self.model = model
         cfg = model.config
         self.num_codebooks, self.codebook_size = cfg.num_codebooks, cfg.codebook_size
         self.grid_size, self.patch_size = cfg.grid_size, cfg.patch_size
         self.px = int(px)
-        self._build_widgets()
-        self.set_image(image)
+        self.images = take_images(data, num_images)                                      # (N, 3, S, S)
+        self._build_widgets(len(self.images), index)
+        self.set_image(self.images[self.index.value])
 
     # ------------------------------------------------------------------ data
     def set_image(self, image) -> None:
@@ -63,17 +102,22 @@ class TokenGrid(View):
         return [int(v) for v in self.codes[self.row.value, self.col.value]]
 
     # ------------------------------------------------------------------ widgets
-    def _build_widgets(self) -> None:
+    def _build_widgets(self, num_images: int, index: int) -> None:
         g, k, K = self.grid_size, self.num_codebooks, self.codebook_size
+        self.index = W.IntSlider(value=min(max(index, 0), max(0, num_images - 1)), min=0,
+                                 max=max(0, num_images - 1), description="image", disabled=num_images < 2,
+                                 layout=W.Layout(width="260px", display=None if num_images > 1 else "none"))
         self.codebook = W.Dropdown(options=[(f"sub-codebook {i}", i) for i in range(k)], value=0,
-                                   description="heatmap", layout=W.Layout(width="240px"))
-        self.row = W.IntSlider(value=0, min=0, max=g - 1, description="row", layout=W.Layout(width="260px"))
-        self.col = W.IntSlider(value=0, min=0, max=g - 1, description="col", layout=W.Layout(width="260px"))
+                                   description="codebook", layout=W.Layout(width="240px"))
+        self.row = W.IntSlider(value=0, min=0, max=g - 1, description="row", layout=W.Layout(width="240px"))
+        self.col = W.IntSlider(value=0, min=0, max=g - 1, description="col", layout=W.Layout(width="240px"))
         self.opacity = W.FloatSlider(value=0.0, min=0.0, max=0.9, step=0.05, description="overlay",
-                                     readout_format=".2f", layout=W.Layout(width="260px"))
+                                     readout_format=".2f", layout=W.Layout(width="240px"))
         self.table = W.HTML()
+        self.legend = W.HTML()
+        self.status = self.legend            # the name every view gives its message line
         self.patch_image = image_widget(px=128)
-        fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.08,
+        fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.06,
                             subplot_titles=("image and token grid", "code ids"))
         # Pixel (i, j) of the S x S image sits at grid coordinate (j + 0.5) / p - 0.5, so cell (r, c) is centred
         # on (c, r) in both panels: heatmap and image share one coordinate system.
@@ -83,16 +127,19 @@ class TokenGrid(View):
                       row=1, col=1)
         cells = list(range(g))
         hover = "row %{y}, col %{x}<br>codes: %{customdata}<extra></extra>"
-        fig.add_trace(go.Heatmap(x=cells, y=cells, z=np.zeros((g, g)), zmin=0, zmax=K - 1, opacity=0.0,
-                                 colorscale="Turbo", showscale=False, hovertemplate=hover), row=1, col=1)
-        fig.add_trace(go.Heatmap(x=cells, y=cells, z=np.zeros((g, g)), zmin=0, zmax=K - 1, colorscale="Turbo",
-                                 texttemplate="%{z}", textfont=dict(size=10 if g <= 16 else 7),
-                                 colorbar=dict(title=dict(text="code id", side="right"), len=0.9),
+        scale = _discrete_colorscale()
+        fig.add_trace(go.Heatmap(x=cells, y=cells, z=np.zeros((g, g)), zmin=-0.5, zmax=PALETTE_SIZE + 0.5,
+                                 opacity=0.0, colorscale=scale, showscale=False, hovertemplate=hover), row=1, col=1)
+        fig.add_trace(go.Heatmap(x=cells, y=cells, z=np.zeros((g, g)), zmin=-0.5, zmax=PALETTE_SIZE + 0.5,
+                                 colorscale=scale, showscale=False, texttemplate="%{text}",
+                                 textfont=dict(size=10 if g <= 16 else 7, color="#111"), xgap=1, ygap=1,
                                  hovertemplate=hover), row=1, col=2)
+        # Tick labels every cell up to 16 per side, else every 4th: derived from the grid, not from a pixel size.
+        ticks = 1 if g <= 16 else 4
         for col in (1, 2):
-            fig.update_xaxes(range=[-0.5, g - 0.5], showgrid=False, zeroline=False, dtick=1 if g <= 16 else 4,
+            fig.update_xaxes(range=[-0.5, g - 0.5], showgrid=False, zeroline=False, dtick=ticks,
                              constrain="domain", row=1, col=col)
-            fig.update_yaxes(range=[g - 0.5, -0.5], showgrid=False, zeroline=False, dtick=1 if g <= 16 else 4,
+            fig.update_yaxes(range=[g - 0.5, -0.5], showgrid=False, zeroline=False, dtick=ticks,
                              scaleanchor="x" if col == 1 else "x2", constrain="domain", row=1, col=col)
         # grid lines between tokens (left panel), drawn once
         lines = [dict(type="line", xref="x", yref="y", x0=v - 0.5, x1=v - 0.5, y0=-0.5, y1=g - 0.5,
@@ -100,11 +147,13 @@ class TokenGrid(View):
         lines += [dict(type="line", xref="x", yref="y", y0=v - 0.5, y1=v - 0.5, x0=-0.5, x1=g - 0.5,
                        line=dict(color="rgba(255,255,255,0.55)", width=1)) for v in range(1, g)]
         self._grid_shapes = lines
-        fig.update_layout(**figure_layout("", 2 * self.px + 110, self.px + 70), shapes=lines)
+        fig.update_layout(**figure_layout("", 2 * self.px + 60, self.px + 60, margin=dict(l=30, r=10, t=40, b=30)),
+                          shapes=lines)
         self.figure = go.FigureWidget(fig)
         self.image_trace, self.overlay, self.heatmap = self.figure.data
         self.overlay.on_click(self._on_click)
         self.heatmap.on_click(self._on_click)
+        self.index.observe(lambda _: self.set_image(self.images[self.index.value]), names="value")
         self.codebook.observe(lambda _: self._draw_codebook(), names="value")
         self.opacity.observe(lambda _: setattr(self.overlay, "opacity", self.opacity.value), names="value")
         self.row.observe(lambda _: self._draw_selection(), names="value")
@@ -113,11 +162,14 @@ class TokenGrid(View):
                                                  f"each with k = {k} codes (one per sub-codebook, K = {K}); "
                                                  "click a cell or use the sliders"))
         side = W.VBox([W.HTML("<b>selected patch</b> (and its surroundings)"), self.patch_image, self.table],
-                      layout=W.Layout(margin="0 0 0 12px", width="250px"))
-        self.widget = W.VBox([pixelated_css(), header,
-                              hbox([self.codebook, self.opacity]),
-                              hbox([self.row, self.col]),
-                              W.HBox([self.figure, side])])
+                      layout=W.Layout(margin="0 0 0 12px", width="250px", min_width="250px"))
+        # The figure and the side panel wrap onto two rows in a narrow output area instead of overlapping.
+        body = W.HBox([self.figure, side], layout=W.Layout(flex_flow="row wrap", align_items="flex-start"))
+        controls = W.HBox([self.index, self.codebook, self.opacity, self.row, self.col],
+                          layout=W.Layout(flex_flow="row wrap", align_items="center"))
+        for control in controls.children:
+            control.layout.margin = "0 12px 4px 0"
+        self.widget = self._root([header, controls, self.legend, body])
 
     def _on_click(self, trace, points, selector) -> None:
         if points.xs:
@@ -132,14 +184,22 @@ class TokenGrid(View):
     def _draw_codebook(self) -> None:
         i = self.codebook.value
         z = self.codes[..., i]
+        self.slots, self.coloured_codes = identity_slots(z)
         with self.figure.batch_update():
-            self.heatmap.z = z
-            self.overlay.z = z
+            self.heatmap.z = self.slots
+            self.heatmap.text = z
+            self.overlay.z = self.slots
             self.figure.layout.annotations[1].text = f"code ids of sub-codebook {i}"
+        swatches = " ".join(f"<span style='background:{IDENTITY_COLOURS[s]};padding:0 5px;border-radius:2px'>"
+                            f"{code}</span>" for s, code in enumerate(self.coloured_codes))
+        self.legend.value = (f"<div style='font-size:12px;color:#333;margin:2px 0'>colour = code identity: "
+                             f"{swatches or '<i>no code repeats in this image</i>'} "
+                             f"<span style='background:{OTHER_COLOUR};padding:0 5px;border-radius:2px'>grey</span>"
+                             f" = any other code (read the number). Equal colour = the same code.</div>")
 
     def _draw_selection(self) -> None:
         r, c = self.row.value, self.col.value
-        box = dict(type="rect", x0=c - 0.5, x1=c + 0.5, y0=r - 0.5, y1=r + 0.5, line=dict(color="#e15759", width=3))
+        box = dict(type="rect", x0=c - 0.5, x1=c + 0.5, y0=r - 0.5, y1=r + 0.5, line=dict(color="#222", width=3))
         self.figure.layout.shapes = self._grid_shapes + [dict(box, xref="x", yref="y"),
                                                          dict(box, xref="x2", yref="y2")]
         codes = self.codes[r, c]
@@ -160,6 +220,8 @@ class TokenGrid(View):
 
     # ------------------------------------------------------------------ static picture
     def static_figure(self):
+        from matplotlib.colors import BoundaryNorm, ListedColormap
+
         g, i = self.grid_size, self.codebook.value
         r, c = self.row.value, self.col.value
         fig = new_figure(11, 4.4)
@@ -172,25 +234,27 @@ class TokenGrid(View):
         ax.set_title("image and token grid", fontsize=10)
         ax = fig.add_subplot(1, 3, 2)
         z = self.codes[..., i]
-        ax.imshow(z, cmap="turbo", vmin=0, vmax=self.codebook_size - 1, interpolation="nearest")
+        slots, coloured = identity_slots(z)
+        cmap = ListedColormap(list(IDENTITY_COLOURS) + [OTHER_COLOUR])
+        ax.imshow(slots, cmap=cmap, norm=BoundaryNorm(np.arange(PALETTE_SIZE + 2) - 0.5, PALETTE_SIZE + 1),
+                  interpolation="nearest")
         if g <= 16:
             for rr in range(g):
                 for cc in range(g):
-                    ax.text(cc, rr, str(z[rr, cc]), ha="center", va="center", fontsize=7, color="white",
-                            fontweight="bold")
+                    ax.text(cc, rr, str(z[rr, cc]), ha="center", va="center", fontsize=7, color="#111")
         ax.add_patch(_rect(c, r))
-        ax.set_title(f"code ids, sub-codebook {i}", fontsize=10)
+        ax.set_title(f"code ids, sub-codebook {i}\n(equal colour = same code; grey = other codes)", fontsize=9)
         ax = fig.add_subplot(1, 3, 3)
         ax.axis("off")
         cell = [[str(j), str(int(v))] for j, v in enumerate(self.codes[r, c])]
         table = ax.table(cellText=cell, colLabels=["sub-codebook", "code"], loc="center", cellLoc="center")
         table.scale(1, 1.3)
         ax.set_title(f"token (row {r}, col {c})", fontsize=10)
-        fig.subplots_adjust(left=0.03, right=0.98, top=0.88, bottom=0.06, wspace=0.15)
+        fig.subplots_adjust(left=0.03, right=0.98, top=0.86, bottom=0.06, wspace=0.15)
         return fig
 
 
 def _rect(col: int, row: int):
     from matplotlib.patches import Rectangle
 
-    return Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="#e15759", lw=2.5)
+    return Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="#222", lw=2.5)

@@ -4,7 +4,12 @@
     >>> dash = TrainingDashboard(trainer)
     >>> dash                      # Run trains in a background thread: the kernel stays free to inspect the model
     >>> dash.train(20)            # or block until 20 steps are done (tests, smoke runs)
-    >>> dash.ui_overhead()        # measured time spent redrawing / time spent in trainer.step
+    >>> dash.timings["redraws"]   # how many times the figure was redrawn (throttled, see below)
+
+Interrupting a blocking `train(n)` (Kernel > Interrupt, or the stop button) prints one line, "stopped at step N;
+the model keeps its weights", instead of a traceback: the trainer is left at the last finished step and can go on.
+While the dashboard trains, it holds the model's lock (`_common.model_lock`) around every step, so other views
+that switch the same model to eval mode take turns with the training steps instead of racing them.
 
 What it reads: `trainer.history` (one metrics dict per step), the "eval" callback's results (and
 `trainer.eval_history` for evaluations made before the dashboard existed), `trainer.model_config` and
@@ -28,8 +33,8 @@ import ipywidgets as W
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ._common import (FIG_WIDTH, LOSS_COLOURS, codebook_colour, figure_layout, hbox, json_safe, new_figure,
-                      title_html, View)
+from ._common import (FIG_WIDTH, LOSS_COLOURS, codebook_colour, figure_layout, hbox, json_safe, model_lock,
+                      new_figure, title_html, View)
 
 LOSS_TERMS = ("loss", "l1", "l2", "vq", "clip")       # "loss" is the weighted total the optimiser sees
 LOSS_LABELS = {"loss": "total", "l1": "L1", "l2": "L2 (MSE)", "vq": "VQ", "clip": "CLIP"}
@@ -62,7 +67,7 @@ class TrainingDashboard(View):
     `static_figure()`.
     """
 
-    def __init__(self, trainer, redraw_every_s: float = 1.0, steps: int = 100, max_points: int = 2000,
+    def __init__(self, trainer, *, steps: int = 100, redraw_every_s: float = 1.0, max_points: int = 2000,
                  follow_schedule: bool = True):
         self.trainer = trainer
         self.redraw_every_s = float(redraw_every_s)
@@ -74,6 +79,7 @@ class TrainingDashboard(View):
         # Columns ingested from trainer.history (appended incrementally: a redraw never rescans the history).
         self._cols: dict[str, list] = {name: [] for name in ("step", "lr", "psnr_batch", *LOSS_TERMS)}
         self._log_steps: list[int] = []           # steps that carry codebook window statistics
+        self._sampled: Optional[dict] = None      # codebook statistics sampled after a Step/Run (not in history)
         self._usage: list[list[float]] = []       # per logged step: k usage fractions
         self._dead: list[list[int]] = []          # per logged step: k dead-code counts
         self._window_tokens: Optional[int] = None
@@ -99,6 +105,7 @@ class TrainingDashboard(View):
         self._drawn_rows = -1
         self._dirty = True
 
+        self.model_lock = model_lock(trainer.model) if hasattr(trainer, "model") else threading.RLock()
         self._build_widgets(steps)
         self._replace_previous_dashboards()
         self._callbacks = (self._on_step, self._on_eval)
@@ -143,27 +150,37 @@ class TrainingDashboard(View):
         controls = hbox([self.run_button, self.pause_button, self.step_button, self.steps, self.eval_button], gap=6)
         header = W.HTML(title_html("Training", f"{self.num_codebooks} sub-codebooks × {self.codebook_size} codes; "
                                                f"figures refresh at most every {self.redraw_every_s:g} s"))
-        self.widget = W.VBox([header, controls, self.status, self.figure, self.output])
+        self.widget = self._root([header, controls, self.status, self.figure, self.output])
+
+    def _usage_title(self) -> str:
+        """Why the codebook panels move less often than the curves: the trainer measures them every log_every steps
+        (a host sync), and the dashboard adds one sample when a Step or Run ends."""
+        every = getattr(getattr(self.trainer, "config", None), "log_every", None)
+        window = f"over the last {self._window_tokens:,} training tokens" if self._window_tokens else \
+            "over the recent-token window"
+        when = f"measured every {every} steps and after each Step/Run" if every else "measured after each Step/Run"
+        return f"codes used per sub-codebook (share of K = {self.codebook_size}, {window}; {when})"
 
     def _build_figure(self) -> go.FigureWidget:
         fig = make_subplots(
             rows=3, cols=2, specs=[[{}, {}], [{}, {}], [{"colspan": 2}, None]],
             subplot_titles=("loss terms (log)", "PSNR (dB)", "learning rate", "dead codes per sub-codebook",
-                            "codes used per sub-codebook (share of K, over the recent-token window)"),
+                            self._usage_title()),
             vertical_spacing=0.11, horizontal_spacing=0.09, row_heights=[0.37, 0.33, 0.30])
         for name in LOSS_TERMS:
-            fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name=LOSS_LABELS[name],
-                                       line=dict(color=LOSS_COLOURS[name], width=2 if name == "loss" else 1.3)),
+            fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name=LOSS_LABELS[name], marker=dict(size=5),
+                                     line=dict(color=LOSS_COLOURS[name], width=2 if name == "loss" else 1.3)),
                           row=1, col=1)
-        fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name="batch PSNR", line=dict(color="#b07aa1", width=1),
-                                   legendgroup="psnr"), row=1, col=2)
+        fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name="batch PSNR", marker=dict(size=5),
+                                 line=dict(color="#b07aa1", width=1), legendgroup="psnr"), row=1, col=2)
         fig.add_trace(go.Scatter(x=[], y=[], mode="markers+lines", name="eval PSNR",
                                  marker=dict(color="#e15759", size=8, symbol="diamond"),
                                  line=dict(color="#e15759", dash="dot")), row=1, col=2)
-        fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name="lr", line=dict(color="#9c755f"),
-                                   showlegend=False), row=2, col=1)
+        fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name="lr", line=dict(color="#9c755f"),
+                                 marker=dict(size=5), showlegend=False), row=2, col=1)
         for i in range(self.num_codebooks):
-            fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name=str(i), legend="legend2",
+            fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name=str(i), legend="legend2",
+                                     marker=dict(size=5),
                                      line=dict(color=codebook_colour(i), width=1.3),
                                      hovertemplate=f"sub-codebook {i}<br>step %{{x}}<br>dead %{{y}}<extra></extra>"),
                           row=2, col=2)
@@ -189,6 +206,8 @@ class TrainingDashboard(View):
         self.psnr_trace, self.eval_trace, self.lr_trace = fw.data[5], fw.data[6], fw.data[7]
         self.dead_traces = list(fw.data[8:8 + k])
         self.usage_heatmap = fw.data[8 + k]
+        # Curves start with markers (a single point drawn as a line is invisible); long curves drop them.
+        self._marked = [*self.loss_traces.values(), self.psnr_trace, self.lr_trace, *self.dead_traces]
         return fw
 
     # ------------------------------------------------------------------ trainer callbacks (cheap)
@@ -223,12 +242,31 @@ class TrainingDashboard(View):
         for m in history[self._ingested:end]:
             for name, col in self._cols.items():
                 col.append(m.get(name, math.nan))
-            if "usage" in m:
+            if "codebook_usage" in m:
                 self._log_steps.append(m["step"])
-                self._usage.append(list(m["usage"]))
-                self._dead.append(list(m.get("dead", [math.nan] * self.num_codebooks)))
-                self._window_tokens = m.get("usage_window_tokens", self._window_tokens)
+                self._usage.append(list(m["codebook_usage"]))
+                self._dead.append(list(m.get("dead_codes", [math.nan] * self.num_codebooks)))
+                self._window_tokens = m.get("codebook_window_tokens", self._window_tokens)
         self._ingested = end
+        s = self._sampled
+        if s is not None and (not self._log_steps or s["step"] > self._log_steps[-1]):
+            self._log_steps.append(s["step"])
+            self._usage.append(list(s["codebook_usage"]))
+            self._dead.append(list(s["dead_codes"]))
+            self._window_tokens = s.get("codebook_window_tokens", self._window_tokens)
+            self._sampled = None
+
+    def _sample_codebooks(self) -> None:
+        """After a Step or Run: measure the codebook window once more unless the last step already logged it, so
+        the codebook panels follow a single Step instead of waiting for the next `log_every` step."""
+        history = self.trainer.history
+        measure = getattr(self.trainer, "codebook_window_stats", None)
+        if not history or "codebook_usage" in history[-1] or measure is None:
+            return
+        with self.model_lock:
+            stats = measure()
+        self._sampled = {"step": history[-1]["step"], **stats}
+        self._dirty = True
 
     # ------------------------------------------------------------------ drawing
     def refresh(self) -> None:
@@ -258,7 +296,10 @@ class TrainingDashboard(View):
         usage = np.asarray(self._usage, dtype=np.float64).reshape(-1, self.num_codebooks)[log_keep].T  # (k, L)
         dead = np.asarray(self._dead, dtype=np.float64).reshape(-1, self.num_codebooks)[log_keep].T
         evals = [(r["step"], r["psnr"]) for r in self._evals if "psnr" in r]
+        mode = "lines+markers" if len(steps) <= 60 else "lines"
         with self.figure.batch_update():
+            for trace in self._marked:
+                trace.mode = mode
             for name, trace in self.loss_traces.items():
                 trace.x, trace.y = steps, json_safe(col[name])
             self.psnr_trace.x, self.psnr_trace.y = steps, json_safe(col["psnr_batch"])
@@ -269,10 +310,7 @@ class TrainingDashboard(View):
                 trace.x, trace.y = log_steps, json_safe(dead[i]) if dead.size else []
             self.usage_heatmap.x = log_steps
             self.usage_heatmap.z = json_safe(usage) if usage.size else [[None]] * self.num_codebooks
-            if self._window_tokens:
-                self.figure.layout.annotations[4].text = (
-                    f"codes used per sub-codebook (share of K = {self.codebook_size}, "
-                    f"over the last {self._window_tokens:,} training tokens)")
+            self.figure.layout.annotations[4].text = self._usage_title()
 
     def _draw_status(self) -> None:
         c = self._cols
@@ -344,6 +382,11 @@ class TrainingDashboard(View):
             self._set_state("running")
         try:
             self._train_steps(int(steps))
+        except KeyboardInterrupt:
+            # Kernel > Interrupt: one line, not a screen of traceback. The interrupted step either finished (it is
+            # in the history) or never reached the optimiser; either way the weights are those of a whole step.
+            self._pause.set()
+            print(f"stopped at step {self.trainer.step_count}; the model keeps its weights")
         except Exception as error:
             self._report(error)
             raise
@@ -353,11 +396,13 @@ class TrainingDashboard(View):
 
     def evaluate(self) -> dict:
         """trainer.evaluate() now (blocking); the eval callback adds the point to the PSNR plot."""
-        return self.trainer.evaluate()
+        with self.model_lock:
+            return self.trainer.evaluate()
 
     def _evaluate_job(self) -> None:
         self._set_state("evaluating")
-        self.trainer.evaluate()
+        with self.model_lock:
+            self.trainer.evaluate()
 
     def _train_steps(self, n: int) -> None:
         trainer = self.trainer
@@ -367,17 +412,20 @@ class TrainingDashboard(View):
                 if self._pause.is_set():
                     break
                 t0, ui0 = time.perf_counter(), self._ui_seconds
-                trainer.step()
+                with self.model_lock:       # views using the same model wait for the end of this step
+                    trainer.step()
                 # time inside trainer.step, minus what our own step callback spent redrawing inside it
                 self._step_seconds += time.perf_counter() - t0 - (self._ui_seconds - ui0)
                 self._steps_timed += 1
                 if self.follow_schedule:  # the same schedule as trainer.run()
                     if trainer.eval_due():
                         self._set_state("evaluating")
-                        trainer.evaluate()
+                        with self.model_lock:
+                            trainer.evaluate()
                         self._set_state("running")
                     if trainer.checkpoint_due():
-                        trainer.save_checkpoint()
+                        with self.model_lock:
+                            trainer.save_checkpoint()
         finally:
             self._in_loop = False
 
@@ -388,6 +436,10 @@ class TrainingDashboard(View):
         self.pause_button.disabled = state != "running"
 
     def _finish(self) -> None:
+        try:
+            self._sample_codebooks()
+        except Exception as error:       # a statistics failure must not hide the training result
+            self._report(error)
         if self._state != "error":
             self._set_state("paused" if self._pause.is_set() else "idle")
         else:
@@ -421,9 +473,9 @@ class TrainingDashboard(View):
             self.trainer.remove_callback(event, fn)
 
     def close(self) -> None:
-        """`detach()` and close the widgets."""
+        """`detach()` (stop training after the current step, stop listening) and close every widget."""
         self.detach()
-        self.widget.close()
+        super().close()
 
     # ------------------------------------------------------------------ static picture
     def static_figure(self):

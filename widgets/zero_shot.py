@@ -1,17 +1,21 @@
 """ZeroShotPanel: type class names and prompt templates, pick an image, see the ranked zero-shot predictions.
 
     >>> panel = ZeroShotPanel(model, ShapesDataset(32, split="test", max_objects=1))
-    >>> panel.classes.value = "circle\\nsquare\\ntriangle"     # one class name (or prompt) per line
+    >>> panel.classes.value = "circle, square, triangle"      # one per line, or comma-separated on one line
     >>> panel.templates.value = "a photo of a {}.\\na drawing of a {}."
     >>> panel.index.value = 5
     >>> panel.ranking                                         # [(class, probability), ...] best first
 
 Scores follow CLIP: each class's text feature is the normalised mean over templates of
-`model.encode_text(template.format(name))` (`unitok.metrics.zero_shot_classifier`), and the probabilities are
-softmax(100 · cos(image feature, class feature)) over the classes.
+`model.encode_text(template.format(name))` (`unitok.zero_shot.zero_shot_classifier`), and the probabilities are
+softmax(scale · cos(image feature, class feature)) over the classes, scale = 100 as in CLIP's zero-shot evaluation.
+A scale of 100 turns small differences in cosine into near-certain probabilities (a cosine 0.05 higher is a factor
+e^5 ≈ 148 in odds), so every bar also shows its cosine, and `scale` can be switched to the model's own learned
+temperature exp(logit_scale) or to 10 or 1 to see how peaked "100 %" really is.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -19,13 +23,29 @@ import torch
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from unitok import metrics as M
+from unitok import zero_shot as M
 
-from ._common import (IMAGE_PX, figure_layout, image_widget, inference, model_device, new_figure,
-                      pixelated_css, set_image, take_items, title_html, to_uint8, View)
+from ._common import (figure_layout, image_widget, inference, model_device, new_figure, set_image, take_items,
+                      title_html, to_uint8, View)
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 FALLBACK_CLASSES = ("circle", "square", "triangle", "star", "heart")
+PANEL_PX = 160          # the image panel: small enough that controls, image and bars fit in ~960 px
+
+
+def parse_names(text: str) -> tuple[list[str], str]:
+    """Class names from a text box -> (names, note).
+
+    One name per line; a single line with commas is split at the commas ("circle, star, heart" is three classes,
+    which is what people type). With several lines, commas stay inside a line, so full prompts such as
+    "a red star, on the left" (with the template "{}") keep working. The note says what was read when that is
+    not obvious ("" otherwise).
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) == 1 and "," in lines[0]:
+        names = [part.strip() for part in lines[0].split(",") if part.strip()]
+        return names, f"read {len(names)} comma-separated class names"
+    return lines, ""
 
 
 def _lines(text: str) -> list[str]:
@@ -37,41 +57,50 @@ class ZeroShotPanel(View):
 
     Args:
         model: a UniTok model (`encode_image`, `encode_text`, `tokenize`).
-        images: a dataset, images (B, 3, S, S) in [-1, 1], a list of items, or None (then upload your own).
+        data: a dataset, images (B, 3, S, S) in [-1, 1], a list of items, or None (then upload your own).
         classnames: initial class names; default: the dataset's first zero-shot task (e.g. the shapes' "shape"
             task) when it has `zero_shot_tasks`, else a few shape names.
         templates: initial prompt templates, each with one "{}" (use "{}" alone for full prompts per line).
         num_images: how many of the dataset's first images can be picked.
+        index: the image shown first.
         top: bars shown (the most probable classes).
         scale: logit multiplier before the softmax (100, as CLIP's zero-shot evaluation).
+        px: on-screen size of the image.
 
-    Drivable: `classes` and `templates` (Textareas; applied on blur or with `apply_button`), `index` (IntSlider),
-    `upload` (FileUpload). Read: `classnames`, `template_list`, `classifier` ((E, C)), `probabilities` ((N, C)),
-    `ranking` (current image), `predict(indices)`, `figure` (FigureWidget), `error` (HTML).
+    Layout: three columns (text boxes with the Apply button under them, the image, the bars) that wrap onto a
+    second row when the output area is narrower than about 960 px, so nothing overlaps or scrolls away.
+
+    Drivable: `classes` and `templates` (Textareas; applied on blur or with `apply_button`), `index`
+    (IntSlider), `scale` (Dropdown), `upload` (FileUpload). Read: `classnames`, `template_list`, `classifier`
+    ((E, C)), `cosines` ((N, C)), `probabilities` ((N, C)), `ranking` (current image), `predict(indices)`,
+    `figure` (FigureWidget), `status` (HTML: errors and warnings, e.g. a single class).
     """
 
-    def __init__(self, model, images=None, classnames: Optional[Sequence[str]] = None,
-                 templates: Sequence[str] = DEFAULT_TEMPLATES, num_images: int = 64, top: int = 10,
-                 scale: float = 100.0):
-        self.model, self.top, self.scale = model, int(top), float(scale)
+    def __init__(self, model, data=None, *, classnames: Optional[Sequence[str]] = None,
+                 templates: Sequence[str] = DEFAULT_TEMPLATES, num_images: int = 64, index: int = 0, top: int = 10,
+                 scale: float = 100.0, px: int = PANEL_PX):
+        self.model, self.top, self.px = model, int(top), int(px)
         self.label_key: Optional[str] = None
         task_classes = None
-        tasks_of = getattr(images, "zero_shot_tasks", None)
+        tasks_of = getattr(data, "zero_shot_tasks", None)
         if callable(tasks_of):            # e.g. ShapesDataset: class names and the label key of its first task
             names, _, self.label_key = next(iter(tasks_of().values()))
             task_classes = list(names)
         self.task_classes = task_classes
         self.classnames = list(classnames) if classnames is not None else list(task_classes or FALLBACK_CLASSES)
         self.template_list = list(templates)
-        if images is not None:
-            self.images, self.captions, self.labels = take_items(images, num_images)
+        if data is not None:
+            self.images, self.captions, self.labels = take_items(data, num_images)
         else:
             S = model.config.image_size
             self.images, self.captions, self.labels = torch.empty(0, 3, S, S), [], []
+        with torch.no_grad():
+            self.learned_scale = float(model.logit_scale.detach().float().exp())
         self.image_features = self._encode(self.images)                                   # (N, E)
         self.classifier = self._classifier(self.classnames, self.template_list)           # (E, C)
-        self._build_widgets()
+        self._build_widgets(float(scale), int(index))
         self._update_probabilities()
+        self._warn_if_single(self.classnames, "")
         self.update()
 
     # ------------------------------------------------------------------ computation
@@ -83,7 +112,7 @@ class ZeroShotPanel(View):
 
     def _classifier(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
         if not classnames:
-            raise ValueError("expected at least one class name (one per line)")
+            raise ValueError("expected at least one class name (one per line, or comma-separated)")
         if not templates:
             raise ValueError("expected at least one template, e.g. 'a photo of a {}.'")
         bad = [t for t in templates if t.count("{}") != 1]
@@ -93,9 +122,13 @@ class ZeroShotPanel(View):
         with inference(self.model):
             return M.zero_shot_classifier(self.model, list(classnames), list(templates)).float().cpu()
 
+    @property
+    def scale_value(self) -> float:
+        return float(self.scale.value)
+
     def _update_probabilities(self) -> None:
-        logits = self.scale * self.image_features @ self.classifier                      # (N, C)
-        self.probabilities = logits.softmax(dim=-1)
+        self.cosines = self.image_features @ self.classifier                              # (N, C) in [-1, 1]
+        self.probabilities = (self.scale_value * self.cosines).softmax(dim=-1)
 
     def predict(self, indices: Optional[Sequence[int]] = None) -> list[list[tuple[str, float]]]:
         """For each chosen image, [(class, probability), ...] sorted best first."""
@@ -119,49 +152,91 @@ class ZeroShotPanel(View):
         return None if label is None else self.task_classes[int(label)]
 
     # ------------------------------------------------------------------ widgets
-    def _build_widgets(self) -> None:
+    def _build_widgets(self, scale: float, index: int) -> None:
         n = len(self.images)
-        self.classes = W.Textarea(value="\n".join(self.classnames), rows=9, continuous_update=False,
-                                  description="classes", layout=W.Layout(width="300px"))
+        column = "260px"
+        label = "<div style='font-size:12px;color:#444;margin:2px 0'>{}</div>"
+        self.classes = W.Textarea(value="\n".join(self.classnames), rows=7, continuous_update=False,
+                                  placeholder="circle\nsquare\n… (or: circle, square, …)",
+                                  layout=W.Layout(width="100%"))
         self.templates = W.Textarea(value="\n".join(self.template_list), rows=3, continuous_update=False,
-                                    description="templates", layout=W.Layout(width="300px"))
-        self.apply_button = W.Button(description="Apply", icon="refresh", layout=W.Layout(width="100px"))
-        self.index = W.IntSlider(value=0, min=0, max=max(0, n - 1), description="image",
-                                 disabled=n == 0, layout=W.Layout(width=f"{IMAGE_PX + 120}px"))
-        self.upload = W.FileUpload(accept="image/*", multiple=False, description="your image")
-        self.image_view = image_widget(px=IMAGE_PX)
-        self.caption = W.HTML(layout=W.Layout(width=f"{IMAGE_PX + 40}px"))
-        self.error = W.HTML()
-        self.figure = go.FigureWidget(layout=figure_layout("", 520, 380))
+                                    layout=W.Layout(width="100%"))
+        self.apply_button = W.Button(description="Apply", icon="refresh", button_style="primary",
+                                     tooltip="read the class names and templates again",
+                                     layout=W.Layout(width="100px"))
+        learned = round(self.learned_scale, 4)
+        if abs(learned - 100.0) < 0.05:   # trained to the clamp: the learned temperature is CLIP's 100
+            scales = [("100 (CLIP's zero-shot = learned logit_scale)", 100.0)]
+        else:
+            scales = [("100 (CLIP's zero-shot)", 100.0), (f"{learned:.1f} (learned logit_scale)", learned)]
+        scales += [("10", 10.0), ("1", 1.0)]
+        if scale not in [v for _, v in scales]:
+            scales.insert(0, (f"{scale:g}", scale))
+        self.scale = W.Dropdown(options=scales, value=scale, description="scale",
+                                style={"description_width": "40px"}, layout=W.Layout(width="100%"))
+        self.status = W.HTML(layout=W.Layout(width="100%"))
+        self.index = W.IntSlider(value=min(max(index, 0), max(0, n - 1)), min=0, max=max(0, n - 1),
+                                 description="image", disabled=n == 0, style={"description_width": "40px"},
+                                 layout=W.Layout(width=f"{self.px + 40}px"))
+        self.upload = W.FileUpload(accept="image/*", multiple=False, description="your image",
+                                   layout=W.Layout(width=f"{self.px}px"))
+        self.image_view = image_widget(px=self.px)
+        self.caption = W.HTML(layout=W.Layout(width=f"{self.px + 40}px"))
+        self.figure = go.FigureWidget(layout=figure_layout("", 440, 320))
         self.figure.add_bar(x=[], y=[], orientation="h", marker_color=[], text=[], textposition="outside",
-                            hovertemplate="%{y}: %{x:.2%}<extra></extra>", cliponaxis=False)
-        self.figure.update_xaxes(range=[0, 1.12], tickformat=".0%", title_text="softmax(100 · cos)")
-        self.figure.update_yaxes(autorange="reversed")
-        self.figure.update_layout(margin=dict(l=140))
+                            customdata=[], hovertemplate="%{y}: %{x:.2%} (cos %{customdata:.3f})<extra></extra>",
+                            cliponaxis=False)
+        self.figure.update_xaxes(range=[0, 1.3], tickformat=".0%")
+        self.figure.update_yaxes(autorange="reversed", automargin=True)
+        self.figure.update_layout(margin=dict(l=10, r=10))
         self.bars = self.figure.data[0]
         self.classes.observe(lambda _: self.apply(), names="value")
         self.templates.observe(lambda _: self.apply(), names="value")
         self.apply_button.on_click(lambda _: self.apply())
         self.index.observe(lambda _: self.update(), names="value")
+        self.scale.observe(lambda _: self._on_scale(), names="value")
         self.upload.observe(lambda _: self._on_upload(), names="value")
         header = W.HTML(title_html("Zero-shot classification",
-                                   "class names (one per line) × templates → text features; the image feature "
-                                   "is compared with each by cosine"))
-        left = W.VBox([self.classes, self.templates, W.HBox([self.apply_button]), self.error])
+                                   "class names × templates → text features; the image feature is compared with "
+                                   "each by cosine, then softmax(scale · cos)"))
+        # The Apply button sits right under the class box: it must stay visible whatever the width.
+        left = W.VBox([W.HTML(label.format("class names: one per line, or comma-separated")), self.classes,
+                       W.HBox([self.apply_button], layout=W.Layout(margin="4px 0")), self.status,
+                       W.HTML(label.format("templates: one per line, each with one {}")), self.templates,
+                       self.scale],
+                      layout=W.Layout(width=column, min_width=column, margin="0 16px 8px 0"))
         middle = W.VBox([self.index, self.upload, self.image_view, self.caption],
-                        layout=W.Layout(align_items="center", margin="0 10px"))
-        self.widget = W.VBox([pixelated_css(), header, W.HBox([left, middle, self.figure])])
+                        layout=W.Layout(align_items="center", width=f"{self.px + 48}px",
+                                        min_width=f"{self.px + 48}px", margin="0 16px 8px 0"))
+        body = W.HBox([left, middle, self.figure],
+                      layout=W.Layout(flex_flow="row wrap", align_items="flex-start", width="100%"))
+        self.columns = (left, middle, self.figure)
+        self.widget = self._root([header, body])
+
+    def _warn_if_single(self, classnames: Sequence[str], note: str) -> None:
+        if len(classnames) == 1:
+            self.status.value = ("<span style='color:#b36b00'>only one class: softmax over one class is always "
+                                 "100 %. Put class names on separate lines, or separate them with commas.</span>")
+        elif note:
+            self.status.value = f"<span style='color:#555'>{note}</span>"
+        else:
+            self.status.value = ""
 
     def apply(self) -> None:
         """Re-read the class and template boxes, rebuild the classifier and redraw (errors shown, not raised)."""
-        classnames, templates = _lines(self.classes.value), _lines(self.templates.value)
+        classnames, note = parse_names(self.classes.value)
+        templates = _lines(self.templates.value)
         try:
             classifier = self._classifier(classnames, templates)
         except ValueError as error:
-            self.error.value = f"<span style='color:#c33'>{error}</span>"
+            self.status.value = f"<span style='color:#c33'>{error}</span>"
             return
-        self.error.value = ""
+        self._warn_if_single(classnames, note)
         self.classnames, self.template_list, self.classifier = classnames, templates, classifier
+        self._update_probabilities()
+        self.update()
+
+    def _on_scale(self) -> None:
         self._update_probabilities()
         self.update()
 
@@ -193,18 +268,21 @@ class ZeroShotPanel(View):
             self.caption.value = "<i>no images: upload one</i>"
             return
         i = self.index.value
-        set_image(self.image_view, self.images[i], IMAGE_PX)
+        set_image(self.image_view, self.images[i], self.px)
         ranking = self.ranking[:self.top]
         truth = self.truth(i)
         names = [name for name, _ in ranking]
         probs = [p for _, p in ranking]
+        cos = [float(self.cosines[i, self.classnames.index(name)]) for name in names]
         colours = ["#59a14f" if name == truth else ("#4e79a7" if n == 0 else "#9fb8d3")
                    for n, name in enumerate(names)]
         with self.figure.batch_update():
             self.bars.x, self.bars.y = probs, names
+            self.bars.customdata = cos
             self.bars.marker.color = colours
-            self.bars.text = [f"{100 * p:.1f} %" for p in probs]
-            self.figure.layout.height = max(260, 70 + 28 * len(names))
+            self.bars.text = [f"{100 * p:.1f} % · cos {c:.2f}" for p, c in zip(probs, cos)]
+            self.figure.layout.height = max(240, 80 + 26 * len(names))
+            self.figure.layout.xaxis.title.text = f"softmax({self.scale_value:g} · cos)"
             more = f" (top {self.top} of {len(self.classnames)})" if len(self.classnames) > self.top else ""
             self.figure.layout.title.text = f"image {i}: ranked classes{more}"
         text = f"<b>image {i}</b>"
@@ -213,6 +291,10 @@ class ZeroShotPanel(View):
         if truth is not None:
             mark = "✓" if names and names[0] == truth else "✗"
             text += f"<br>true class: <b>{truth}</b> {mark} (green bar)"
+        if len(cos) >= 2:
+            gap = cos[0] - cos[1]
+            text += (f"<br><span style='color:#555;font-size:12px'>top cosine leads by {gap:.3f}: "
+                     f"× {math.exp(self.scale_value * gap):.3g} in odds at scale {self.scale_value:g}</span>")
         self.caption.value = text
 
     # ------------------------------------------------------------------ static picture
@@ -239,7 +321,7 @@ class ZeroShotPanel(View):
             ax.barh(names, probs, color=["#59a14f" if n == truth else "#4e79a7" for n in names])
             ax.set_xlim(0, 1)
             ax.tick_params(labelsize=8)
-            ax.set_xlabel("softmax(100 · cos)", fontsize=8)
+            ax.set_xlabel(f"softmax({self.scale_value:g} · cos)", fontsize=8)
         fig.suptitle("Zero-shot predictions — templates: " + " | ".join(self.template_list), fontsize=9)
         fig.tight_layout()
         return fig

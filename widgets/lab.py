@@ -1,0 +1,113 @@
+"""Set-up for the lab-manual notebooks: one call instead of a set-up cell copied into every notebook.
+
+    >>> from unitok_widgets import notebook_setup
+    >>> lab = notebook_setup(checkpoint=True)          # prints: mode, repository, checkpoint
+    >>> STEPS = lab.pick(smoke=4, classroom=60, full=400)
+    >>> with lab.stoppable(trainer):                   # Kernel > Interrupt prints one line, not a traceback
+    ...     trainer.run(STEPS)
+
+Three modes, chosen by environment variables before Jupyter starts (or before the kernel is restarted):
+
+    smoke      UNITOK_SMOKE=1          seconds; what the tests run (same code paths, tiny sizes)
+    classroom  default, UNITOK_MODE=classroom   minutes on a 2-core laptop; results already show the effect
+    full       UNITOK_MODE=full        the numbers quoted in the notebooks' text; up to tens of minutes
+
+Nothing here imports Jupyter; it only reads the environment and finds files.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+MODES = ("smoke", "classroom", "full")
+DEFAULT_MODE = "classroom"
+
+
+def current_mode(environ=None) -> str:
+    """The notebook mode from the environment: "smoke" if UNITOK_SMOKE=1, else UNITOK_MODE (default classroom)."""
+    env = os.environ if environ is None else environ
+    if env.get("UNITOK_SMOKE") == "1":
+        return "smoke"
+    mode = (env.get("UNITOK_MODE") or DEFAULT_MODE).strip().lower()
+    if mode not in MODES:
+        raise ValueError(f"UNITOK_MODE must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+def repo_root(start: Optional[Path] = None) -> Path:
+    """The folder with pyproject.toml and unitok/ (Jupyter starts notebooks in notebooks/; an installed package
+    falls back to where `unitok` lives)."""
+    here = Path.cwd() if start is None else Path(start)
+    for folder in [here, *here.parents]:
+        if (folder / "pyproject.toml").is_file() and (folder / "unitok").is_dir():
+            return folder
+    import unitok
+
+    return Path(unitok.__file__).resolve().parents[1]
+
+
+@dataclass
+class Lab:
+    """What a notebook needs to know about where and how it runs. Made by `notebook_setup`."""
+
+    mode: str
+    root: Path
+    checkpoint: Optional[Path] = None
+
+    @property
+    def smoke(self) -> bool:
+        return self.mode == "smoke"
+
+    @property
+    def bundled(self) -> Path:
+        """The bundled tiny checkpoint (32 px shapes, 8 x 8 tokens, k = 8 sub-codebooks of K = 256 codes)."""
+        return self.root / "data" / "tiny-shapes"
+
+    @property
+    def uses_bundled_checkpoint(self) -> bool:
+        return self.checkpoint is not None and self.checkpoint.resolve() == self.bundled.resolve()
+
+    def pick(self, smoke: Any, classroom: Any, full: Any) -> Any:
+        """The value for the current mode, e.g. `lab.pick(smoke=4, classroom=60, full=400)`."""
+        return {"smoke": smoke, "classroom": classroom, "full": full}[self.mode]
+
+    @contextlib.contextmanager
+    def stoppable(self, *trainers):
+        """Run a training cell so that Kernel > Interrupt ends it with one line instead of a traceback:
+        "stopped at step N; the model keeps its weights". The trainers keep their last finished step; run the
+        cell again to go on."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            steps = sorted({int(getattr(t, "step_count", 0)) for t in trainers})
+            where = "" if not steps else f" at step {steps[0]}" if len(steps) == 1 else \
+                f" at steps {', '.join(map(str, steps))}"
+            whose = "the models keep their weights" if len(trainers) > 1 else "the model keeps its weights"
+            print(f"stopped{where}; {whose}")
+
+
+def notebook_setup(checkpoint: bool = False, seed: int = 0, quiet: bool = False) -> Lab:
+    """Mode, repository root and (optionally) the checkpoint folder for a notebook; seeds torch.
+
+    checkpoint: True for notebooks that start from a trained model: UNITOK_CHECKPOINT (a folder written by
+        `save_pretrained` / `unitok export`) or else the bundled data/tiny-shapes; FileNotFoundError if it has
+        no model.safetensors.
+    """
+    lab = Lab(mode=current_mode(), root=repo_root())
+    if checkpoint:
+        lab.checkpoint = Path(os.environ.get("UNITOK_CHECKPOINT") or lab.bundled)
+        if not (lab.checkpoint / "model.safetensors").is_file():
+            raise FileNotFoundError(f"no checkpoint in {lab.checkpoint}: expected config.json + model.safetensors. "
+                                    "Re-create the bundled one with `make checkpoint`.")
+    import torch
+
+    torch.manual_seed(seed)
+    if not quiet:
+        text = f"mode: {lab.mode} (UNITOK_MODE=smoke|classroom|full)  ·  repository: {lab.root}"
+        if lab.checkpoint is not None:
+            text += f"  ·  checkpoint: {lab.checkpoint}"
+        print(text)
+    return lab
