@@ -17,7 +17,7 @@ import unitok  # noqa: F401  (first: makes torchvision importable on CPU-only to
 from unitok import AttnProjection, LinearProjection, ModelConfig, UniTok, UniTokOutput, get_preset
 from unitok.config import Preset, TrainConfig, apply_overrides, from_dict
 from unitok.losses import UniTokLoss
-from unitok.model import load_state_dict_checked
+from unitok.checkpoint import load_state_dict_checked
 from unitok.projection import ProjectionAttention, build_projection
 
 CAPTIONS = ["a red circle", "a small blue square on the left"]
@@ -335,7 +335,7 @@ def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
 
 def manual_attention(attn: ProjectionAttention, x: torch.Tensor, heads: int, head_dim: int, down: bool,
                      causal: bool = False) -> torch.Tensor:
-    """REFERENCE.md: q/k/v from one Linear (bias on q and v only); per-head softmax attention; heads averaged
+    """docs/method.md, AttnProjection: q/k/v from one Linear (bias on q and v only); per-head softmax attention; heads averaged
     going down, concatenated going up; then a Linear(out, out)."""
     B, N, _ = x.shape
     inner = heads * head_dim

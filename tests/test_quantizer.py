@@ -1,7 +1,7 @@
 """Tests for unitok.quantizer.MultiCodebookQuantizer (MCQ). CPU, a few seconds.
 
 The centre piece is a property test: the vectorised, block-chunked quantizer must agree with a plain Python loop
-over sub-codebooks written here straight from the equations in REFERENCE.md (per chunk: L2-normalise chunk and
+over sub-codebooks written here straight from the equations in docs/method.md (per chunk: L2-normalise chunk and
 codes, cosine argmax, straight-through `z + sg(c - z)`, loss `beta * mse(sg(c), z) + mse(c, sg(z))`, averaged
 over the k chunks) -- codes, z_q, loss, and the gradients w.r.t. z and the codebooks.
 """
@@ -28,7 +28,7 @@ def make_quantizer(dim=16, k=4, K=32, seed=0, **kwargs) -> MultiCodebookQuantize
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The reference: one plain loop over sub-codebooks, from REFERENCE.md's equations
+# The reference: one plain loop over sub-codebooks, from the equations in docs/method.md
 
 
 def reference_mcq(z: torch.Tensor, codebooks: torch.Tensor, beta: float):

@@ -22,9 +22,10 @@ from torch.utils.data import Dataset
 
 import unitok  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
 from unitok import cli
-from unitok import metrics as M
 from unitok.config import TrainConfig, apply_overrides, get_preset
-from unitok.train import (NonFiniteLossError, StepBatchSampler, Trainer, build_datasets, evaluate_model, lr_at)
+from unitok.data import build_datasets
+from unitok.evaluate import evaluate_model
+from unitok.train import NonFiniteLossError, StepBatchSampler, Trainer, lr_at
 
 TRAIN_STEPS = 200
 LOSS_TERMS = ("loss", "l1", "l2", "vq", "clip")
@@ -288,9 +289,10 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 import unitok
-from unitok import metrics as M
+from unitok.codebook_stats import all_reduce_counts
 from unitok.config import apply_overrides, get_preset
-from unitok.train import Trainer, build_datasets
+from unitok.data import build_datasets
+from unitok.train import Trainer
 
 out, overrides = Path(sys.argv[1]), json.loads(sys.argv[2])
 preset = apply_overrides(get_preset("tiny"), overrides)
@@ -311,7 +313,7 @@ data = Recording(train)
 trainer = Trainer(preset.model, preset.train, data, {}, out_dir=None)
 losses = [trainer.step()["loss"] for _ in range(2)]
 local = trainer.tracker.counts.clone()
-reduced = M.all_reduce_counts(trainer.tracker)
+reduced = all_reduce_counts(trainer.tracker)
 params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
 torch.save({"params": params, "local": local, "reduced": reduced}, out / f"rank{trainer.rank}.pt")
 (out / f"rank{trainer.rank}.json").write_text(json.dumps({

@@ -12,7 +12,8 @@ Every dataset yields the same item, so torch's ``default_collate`` batches any o
 - ``FolderDataset``   your own images plus a CSV / JSONL file with ``image`` and ``caption`` columns.
 - ``WebDataset``      an IterableDataset over image+text tar shards (optional ``webdataset`` package).
 
-``build_dataset(name, image_size, split, **kwargs)`` picks one by name; ``to_uint8_image`` and ``make_grid_image``
+``build_dataset(name, image_size, split, **kwargs)`` picks one by name, ``build_datasets(spec, ...)`` a run's
+training and evaluation sets; ``to_uint8_image`` and ``make_grid_image``
 turn [-1, 1] tensors into uint8 arrays for PNGs and widgets.
 """
 from __future__ import annotations
@@ -35,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from .shapes import COLOURS, SHAPES, render_scene, rgb
+
 DATASETS = ("shapes", "fashion-mnist", "folder", "webdataset")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -56,108 +59,6 @@ def _check_index(index, length: int) -> int:
 
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Procedural shapes: signed distance functions, drawn with analytic anti-aliasing
-#
-# Each shape is a signed distance function (SDF) in a unit frame: x right, y up, the shape filling [-1, 1]^2,
-# negative inside. Drawing evaluates it once per output pixel (only inside the object's bounding box) and turns the
-# distance in pixels into coverage with clip(0.5 - d, 0, 1): a one-pixel box-filtered edge, as smooth as heavy
-# supersampling but 16x cheaper, and exact at every resolution.
-
-def _sd_circle(x, y):
-    return np.sqrt(x * x + y * y) - 1.0
-
-
-def _sd_box(x, y, hx, hy):
-    qx, qy = np.abs(x) - hx, np.abs(y) - hy
-    outside = np.sqrt(np.maximum(qx, 0.0) ** 2 + np.maximum(qy, 0.0) ** 2)
-    return outside + np.minimum(np.maximum(qx, qy), 0.0)
-
-
-class _Polygon:
-    """Exact SDF of a simple polygon; edges are precomputed because a render calls this thousands of times."""
-
-    def __init__(self, vx, vy):
-        self.vx, self.vy = np.asarray(vx, np.float32), np.asarray(vy, np.float32)
-        self.ex, self.ey = np.roll(self.vx, -1) - self.vx, np.roll(self.vy, -1) - self.vy  # edge i: vertex i -> i+1
-        self.vy_next = np.roll(self.vy, -1)
-        self.inv_len2 = 1.0 / (self.ex * self.ex + self.ey * self.ey)
-
-    def __call__(self, x, y):
-        """x (1, w), y (h, 1) -> (h, w)."""
-        wx, wy = x[..., None] - self.vx, y[..., None] - self.vy  # (1, w, n), (h, 1, n)
-        t = np.minimum(np.maximum((wx * self.ex + wy * self.ey) * self.inv_len2, 0.0), 1.0)
-        dx, dy = wx - self.ex * t, wy - self.ey * t  # (h, w, n): vector to the nearest point of each edge
-        dist = np.sqrt((dx * dx + dy * dy).min(-1))
-        # Crossing number: a point is inside if a ray towards +x crosses an odd number of edges.
-        above, below_next = y[..., None] >= self.vy, y[..., None] < self.vy_next
-        left_of_edge = self.ex * wy > self.ey * wx
-        crossings = (above & below_next & left_of_edge) | (~above & ~below_next & ~left_of_edge)
-        return np.where(crossings.sum(-1) % 2 == 1, -dist, dist)
-
-
-def _regular_star(points: int, outer: float, inner: float):
-    angles = np.pi / 2 + np.arange(2 * points) * np.pi / points
-    radii = np.where(np.arange(2 * points) % 2 == 0, outer, inner)
-    vx, vy = radii * np.cos(angles), radii * np.sin(angles)
-    return vx, vy - (vy.max() + vy.min()) / 2  # centre it vertically
-
-
-_TRIANGLE = _Polygon([-1.0, 1.0, 0.0], [-0.87, -0.87, 0.87])
-_DIAMOND = _Polygon([0.0, 0.72, 0.0, -0.72], [1.0, 0.0, -1.0, 0.0])
-_STAR = _Polygon(*_regular_star(5, 1.0, 0.47))  # a fat inner radius keeps the star readable at 10 pixels
-
-
-def _sd_heart(x, y):
-    # Inigo Quilez's exact heart SDF; its heart spans x in [-0.6, 0.6], y in [0, 1.1], so map [-1, 1] onto it.
-    k = 0.61
-    px, py = np.abs(x) * k, y * k + 0.55
-    lobe = np.sqrt((px - 0.25) ** 2 + (py - 0.75) ** 2) - math.sqrt(2) / 4
-    m = np.maximum(px + py, 0.0) * 0.5
-    tip = np.sqrt(np.minimum(px * px + (py - 1.0) ** 2, (px - m) ** 2 + (py - m) ** 2)) * np.sign(px - py)
-    return np.where(px + py > 1.0, lobe, tip) / k
-
-
-_SDF = {
-    "circle": _sd_circle,
-    "square": lambda x, y: _sd_box(x, y, 0.8, 0.8),
-    "triangle": _TRIANGLE,
-    "diamond": _DIAMOND,
-    "star": _STAR,
-    "cross": lambda x, y: np.minimum(_sd_box(x, y, 0.95, 0.3), _sd_box(x, y, 0.3, 0.95)),
-    "heart": _sd_heart,
-    # a disc minus a shifted disc; not an exact SDF inside the bite, but exact enough for a one-pixel edge
-    "crescent": lambda x, y: np.maximum(_sd_circle(x, y), 0.8 - np.sqrt((x - 0.5) ** 2 + (y - 0.22) ** 2)),
-}
-
-
-@functools.lru_cache(maxsize=None)
-def _pixel_centres(size: int) -> np.ndarray:
-    """(size,) float32 pixel-centre coordinates 0.5, 1.5, ...; cached per image size."""
-    return np.arange(size, dtype=np.float32) + 0.5
-
-
-def _draw(canvas: np.ndarray, shape: str, cx: float, cy: float, half: float, rgb: np.ndarray) -> None:
-    """Alpha-blend one anti-aliased shape into canvas (3, N, N) in place; centre and half-extent in pixels."""
-    n = canvas.shape[-1]
-    x0, x1 = max(int(cx - half) - 1, 0), min(int(cx + half) + 2, n)
-    y0, y1 = max(int(cy - half) - 1, 0), min(int(cy + half) + 2, n)
-    centres = _pixel_centres(n)
-    x = ((centres[x0:x1] - cx) / half)[None, :]  # (1, w) unit frame
-    y = ((cy - centres[y0:y1]) / half)[:, None]  # (h, 1) unit frame, y up
-    coverage = np.minimum(np.maximum(0.5 - _SDF[shape](x, y) * half, 0.0), 1.0)  # from the distance in pixels
-    patch = canvas[:, y0:y1, x0:x1]
-    patch += (rgb[:, None, None] - patch) * coverage
-
-
-SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "heart", "crescent")
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "white")
-
-
-def _rgb(r: int, g: int, b: int) -> np.ndarray:
-    return np.array([r, g, b], np.float32) / 127.5 - 1.0  # straight into [-1, 1]
 
 
 class ShapesDataset(torch.utils.data.Dataset):
@@ -197,13 +98,13 @@ class ShapesDataset(torch.utils.data.Dataset):
     ]
 
     RGB = {
-        "red": _rgb(235, 45, 45), "green": _rgb(50, 200, 70), "blue": _rgb(50, 110, 255),
-        "yellow": _rgb(255, 225, 40), "purple": _rgb(170, 70, 230), "orange": _rgb(255, 140, 20),
-        "cyan": _rgb(40, 220, 225), "white": _rgb(245, 245, 245),
+        "red": rgb(235, 45, 45), "green": rgb(50, 200, 70), "blue": rgb(50, 110, 255),
+        "yellow": rgb(255, 225, 40), "purple": rgb(170, 70, 230), "orange": rgb(255, 140, 20),
+        "cyan": rgb(40, 220, 225), "white": rgb(245, 245, 245),
     }
     BACKGROUND_RGB = {
-        "black": _rgb(12, 12, 14), "grey": _rgb(105, 105, 110), "dark blue": _rgb(20, 30, 85),
-        "dark green": _rgb(20, 65, 35), "white": _rgb(235, 235, 230),
+        "black": rgb(12, 12, 14), "grey": rgb(105, 105, 110), "dark blue": rgb(20, 30, 85),
+        "dark green": rgb(20, 65, 35), "white": rgb(235, 235, 230),
     }
     # Object colours that would not stand out on a background; every colour keeps >= 3 backgrounds.
     CLASHES = {"dark blue": {"blue", "purple"}, "dark green": {"green"}, "white": {"white", "yellow", "cyan"}}
@@ -334,11 +235,8 @@ class ShapesDataset(torch.utils.data.Dataset):
     def render(self, scene: dict) -> np.ndarray:
         """Draw a scene from ``scene()`` -> (3, image_size, image_size) float32 array in [-1, 1]."""
         n = self.image_size
-        canvas = np.empty((3, n, n), np.float32)
-        canvas[:] = scene["background_rgb"][:, None, None]
-        for obj in scene["objects"]:
-            _draw(canvas, obj["shape"], obj["cx"] * n, obj["cy"] * n, obj["half"] * n, obj["rgb"])
-        return canvas
+        objects = [dict(o, cx=o["cx"] * n, cy=o["cy"] * n, half=o["half"] * n) for o in scene["objects"]]  # -> px
+        return render_scene(objects, scene["background_rgb"], n)
 
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)
@@ -481,9 +379,27 @@ class FashionMNIST(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------------------------
 # Your own images: a folder with an annotation file, or webdataset shards
 
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """High-bit-depth and float modes -> "L" with the right brightness (PIL's own convert clips them to 255).
+
+    16-bit greyscale ("I;16*", or "I" holding values above 255) is scaled by 255 / 65535; 32-bit float ("F") is read
+    as [0, 1] when its values lie there (the usual convention), else as [0, 255].
+    """
+    if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
+        return image
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        scale = 255.0 if np.nanmax(array, initial=0.0) <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0 if (image.mode.startswith("I;16") or array.max(initial=0) > 255) else 1.0
+    array = np.clip(np.nan_to_num(array * scale), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(array)  # uint8 (H, W) -> mode "L"
+
+
 def pil_to_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
     """PIL image of any mode and size -> (3, image_size, image_size) float32 in [-1, 1], centre-cropped square."""
     image = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
+    image = _to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")  # put transparent pixels on white rather than black
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
@@ -732,6 +648,35 @@ def build_dataset(name: str, image_size: int, split: str = "train", **kwargs) ->
     raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
 
 
+def build_datasets(spec: dict, image_size: int, seed: int = 0):
+    """(train dataset, {"recon": ..., "zero_shot": ..., "zero_shot_heldout": ...}) for a run's data spec.
+
+    spec: {"name": one of DATASETS, "path": for folder / webdataset, "eval_images": test items (default 1024)}.
+    shapes: the test split for reconstruction, its one-object version for zero-shot, and the held-out colour x
+    shape pairs; fashion-mnist: its test split for both; a folder: its own images for reconstruction (there is no
+    test split to take); webdataset: no evaluation sets (a stream has no fixed subset to come back to).
+    """
+    name, path, n_eval = spec["name"], spec.get("path"), int(spec.get("eval_images") or 1024)
+    kwargs = {"path": path} if path else {}
+    if name == "shapes":
+        train = build_dataset("shapes", image_size, split="train", seed=seed)
+        evals = {"recon": build_dataset("shapes", image_size, split="test", seed=seed, length=n_eval),
+                 "zero_shot": build_dataset("shapes", image_size, split="test", seed=seed, length=n_eval,
+                                            max_objects=1),
+                 "zero_shot_heldout": build_dataset("shapes", image_size, split="heldout", seed=seed,
+                                                    length=n_eval)}
+    elif name == "fashion-mnist":
+        train = build_dataset(name, image_size, split="train")
+        test = build_dataset(name, image_size, split="test")
+        evals = {"recon": test, "zero_shot": test}
+    else:
+        train = build_dataset(name, image_size, split="train", **kwargs)
+        evals = {"recon": train} if not isinstance(train, torch.utils.data.IterableDataset) else {}
+    if not isinstance(train, torch.utils.data.IterableDataset) and len(train) == 0:
+        raise ValueError(f"dataset {name!r} yields no items; expected at least one image")
+    return train, evals
+
+
 def to_uint8_image(x) -> np.ndarray:
     """(3, H, W) or (B, 3, H, W) tensor in [-1, 1] -> uint8 numpy (H, W, 3) or (B, H, W, 3); values clamped."""
     x = torch.as_tensor(x).detach()
@@ -743,21 +688,21 @@ def to_uint8_image(x) -> np.ndarray:
 
 
 def make_grid_image(images, nrow: int = 8, padding: int = 2, pad_value: int = 0) -> np.ndarray:
-    """(B, 3, H, W) tensor or a list of (3, H, W) in [-1, 1] -> uint8 (rows * (H + p) + p, nrow * (W + p) + p, 3)."""
+    """(B, 3, H, W) tensor or a list of (3, H, W) in [-1, 1] -> uint8 (rows * (H + p) + p, nrow * (W + p) + p, 3).
+
+    torchvision's `make_grid` lays the tiles out (row-major, `nrow` per row); `pad_value` is a 0-255 grey level.
+    """
+    from torchvision.utils import make_grid
+
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("make_grid_image expected at least one image, got an empty list")
         images = torch.stack([torch.as_tensor(i) for i in images])
-    tiles = to_uint8_image(images)
-    if tiles.ndim != 4:
+    images = torch.as_tensor(images)
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"make_grid_image expected a batch (B, 3, H, W), got shape {tuple(images.shape)}")
     if nrow < 1:
         raise ValueError(f"nrow must be >= 1, got {nrow}")
-    b, h, w, _ = tiles.shape
-    ncol, nrows = min(nrow, b), math.ceil(b / nrow)
-    grid = np.full((nrows * (h + padding) + padding, ncol * (w + padding) + padding, 3), pad_value, np.uint8)
-    for i, tile in enumerate(tiles):
-        r, c = divmod(i, nrow)
-        y, x = padding + r * (h + padding), padding + c * (w + padding)
-        grid[y:y + h, x:x + w] = tile
-    return grid
+    grid = make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=nrow, padding=padding,
+                     pad_value=pad_value / 127.5 - 1.0)                   # (3, H', W') in [-1, 1]
+    return to_uint8_image(grid)

@@ -143,7 +143,7 @@ def tokenizer_hash(tokenizer) -> str:
     for name, tensor in sorted(tokenizer.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d: 1-d first
     return h.hexdigest()
 
 

@@ -15,14 +15,16 @@
     >>> model.encode_text(["a red circle"])   # (1, 64)
 
 Module names follow the reference's state-dict prefixes (encoder, quant_proj, quantizer, post_quant_proj, decoder,
-text_encoder, fc_norm, projection, logit_scale) so its released checkpoint maps on key by key.
+text_encoder, fc_norm, projection, logit_scale). The default blocks are a compact toy layout; the released
+checkpoint's own layout (ViTamin encoder, convolutional decoder, its projections) is the config choice
+`encoder="vitamin_large", decoder="vitamin", projection="attn_reference"` (`unitok.vitamin`), and
+`UniTok.from_reference` loads that checkpoint into it (`unitok.reference`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from timm.layers import GluMlp, Mlp, PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 
+from .checkpoint import atomic_write, load_state_dict_checked, read_safetensors
 from .config import ModelConfig, from_dict, get_preset
 from .projection import build_projection
 from .quantizer import MultiCodebookQuantizer, QuantizerOutput
@@ -119,6 +122,15 @@ class ViTDecoder(nn.Module):
         return x.view(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(B, c, g * p, g * p)
 
 
+def _projection(cfg: ModelConfig, in_dim: int, out_dim: int) -> nn.Module:
+    """The projection around the quantizer: "attn" / "linear" (unitok.projection) or the released layout."""
+    if cfg.projection == "attn_reference":
+        from .vitamin import ReferenceAttnProjection
+
+        return ReferenceAttnProjection(in_dim, out_dim, cfg.projection_causal)
+    return build_projection(cfg.projection, in_dim, out_dim, cfg.projection_causal)
+
+
 def _init_weights(module: nn.Module) -> None:
     """The reference's init for decoder and projections: trunc-normal(0.02) linears, zero biases."""
     if isinstance(module, nn.Linear):
@@ -139,14 +151,17 @@ class UniTok(nn.Module):
 
         config.validate()
         self.config = cfg = config
-        self.encoder = ViTEncoder(cfg) if cfg.encoder == "vit" else TimmEncoder(cfg)
-        self.quant_proj = build_projection(cfg.projection, cfg.width, cfg.latent_dim, cfg.projection_causal)
+        from . import vitamin
+
+        self.encoder = (ViTEncoder(cfg) if cfg.encoder == "vit" else vitamin.ViTaminEncoder(cfg)
+                        if cfg.encoder in vitamin.VITAMIN_ENCODERS else TimmEncoder(cfg))
+        self.quant_proj = _projection(cfg, cfg.width, cfg.latent_dim)
         self.quantizer = MultiCodebookQuantizer(
             cfg.latent_dim, cfg.num_codebooks, cfg.codebook_size, beta=cfg.beta, entropy_weight=cfg.entropy_weight,
             entropy_temperature=cfg.entropy_temperature, dead_code_restart_every=cfg.dead_code_restart_every)
-        self.post_quant_proj = build_projection(cfg.projection, cfg.latent_dim, cfg.width, cfg.projection_causal)
-        self.decoder = ViTDecoder(cfg)
-        self.fc_norm = nn.LayerNorm(cfg.width)
+        self.post_quant_proj = _projection(cfg, cfg.latent_dim, cfg.width)
+        self.decoder = vitamin.ViTaminDecoder(cfg) if cfg.decoder == "vitamin" else ViTDecoder(cfg)
+        self.fc_norm = nn.LayerNorm(cfg.width, eps=cfg.fc_norm_eps)
         self.projection = nn.Linear(cfg.width, cfg.embed_dim)
         self.text_encoder = TextTransformer(context_length=cfg.context_length, vocab_size=cfg.vocab_size,
                                             width=cfg.text_width, heads=cfg.text_heads, layers=cfg.text_layers,
@@ -162,20 +177,56 @@ class UniTok(nn.Module):
     def from_preset(cls, name: str, **overrides) -> "UniTok":
         return cls(dataclasses.replace(get_preset(name).model, **overrides))
 
+    @classmethod
+    def from_reference(cls, path_or_repo: Union[str, os.PathLike] = "FoundationVision/unitok_tokenizer",
+                       map_location: str = "cpu", **overrides) -> "UniTok":
+        """The released UniTok (a `.pth` file, or a Hugging Face repo id), computing what the reference computes.
+
+        overrides: ModelConfig fields to change, e.g. `projection_causal=True` for the Feb-2025 release.
+        See `unitok.reference.load_reference` for the file format and the checks.
+        """
+        from .reference import load_reference
+
+        return load_reference(path_or_repo, map_location=map_location, **overrides)
+
+    @property
+    def last_decoder_layer(self) -> nn.Parameter:
+        """The decoder's last weight: where the adaptive GAN weight compares gradient norms."""
+        last = getattr(self.decoder, "last_layer", None)
+        return last if last is not None else self.decoder.head.weight
+
     # ------------------------------------------------------------------ input checks
-    def check_images(self, images: torch.Tensor) -> None:
-        """Shapes, dtype and finiteness of an image batch; ValueError naming what was expected."""
+    def check_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Shape, dtype, finiteness and range of an image batch; returns it in the model's float dtype.
+
+        float64/float16/bfloat16 batches are converted (a copy); integer batches, values outside [-1, 1] (with a
+        hint when they look like 0-255 pixels) and NaN/Inf are refused with a ValueError saying what was expected.
+        """
         self._check_image_shape(images)
-        if images.device.type != "meta" and not torch.isfinite(images).all():
+        images = images.to(self.logit_scale.dtype)
+        if images.device.type == "meta":
+            return images
+        if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or Inf values; expected finite values in [-1, 1]")
+        low, high = float(images.min()), float(images.max())
+        if low < -1.001 or high > 1.001:
+            hint = ("looks like 0-255 pixel values: use images / 127.5 - 1" if low >= 0 and high > 2 else
+                    "rescale them to [-1, 1], e.g. images * 2 - 1 for values in [0, 1]")
+            raise ValueError(f"images must lie in [-1, 1]; got values in [{low:.3g}, {high:.3g}] ({hint})")
+        return images
 
     def _check_image_shape(self, images: torch.Tensor) -> None:
         cfg = self.config
         expected = f"(B, {cfg.in_chans}, {cfg.image_size}, {cfg.image_size}) float images in [-1, 1]"
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-            raise ValueError(f"expected {expected}, got {type(images).__name__} {getattr(images, 'dtype', '')}")
+            dtype = getattr(images, "dtype", "")
+            hint = (" (integer pixels: use images.float() / 127.5 - 1)"
+                    if isinstance(images, torch.Tensor) and not images.is_complex() and dtype != torch.bool else "")
+            raise ValueError(f"expected {expected}, got {type(images).__name__} {dtype}{hint}")
         if images.ndim != 4 or images.shape[1] != cfg.in_chans:
             raise ValueError(f"expected {expected} ({cfg.in_chans} channels), got shape {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise ValueError(f"the image batch is empty (shape {tuple(images.shape)}); expected at least one image")
         h, w = images.shape[-2:]
         if h % cfg.patch_size or w % cfg.patch_size:
             raise ValueError(f"image size {h}x{w} is not divisible by the patch size {cfg.patch_size}; "
@@ -205,7 +256,7 @@ class UniTok(nn.Module):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, S, S) in [-1, 1] -> codes (B, H, W, k) int64, row-major over the token grid."""
-        self.check_images(images)
+        images = self.check_images(images)
         return self._grid(self.quantize(images).codes)
 
     def decode_latent(self, z_q: torch.Tensor) -> torch.Tensor:
@@ -219,7 +270,7 @@ class UniTok(nn.Module):
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """images -> decode(encode(images)), computed once (bit-identical to the two calls)."""
-        self.check_images(images)
+        images = self.check_images(images)
         codes = self.quantize(images).codes
         return self.decode_latent(self.quantizer.lookup(codes))
 
@@ -230,7 +281,7 @@ class UniTok(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images -> (B, E) unit-norm CLIP feature computed from the *quantized* tokens."""
-        self.check_images(images)
+        images = self.check_images(images)
         z_q = self.quantizer.lookup(self.quantize(images).codes)
         return self.image_head(self.post_quant_proj(z_q))
 
@@ -272,7 +323,7 @@ class UniTok(nn.Module):
         Shapes are checked (free); values are not (that would cost a host sync per step; the trainer checks losses).
         """
         self._check_image_shape(images)
-        q = self.quantize(images)
+        q = self.quantize(images.to(self.logit_scale.dtype))
         tokens = self.post_quant_proj(q.z_q)
         text_features = self.encode_text(texts) if texts is not None else None
         return UniTokOutput(
@@ -304,55 +355,42 @@ class UniTok(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype)
                  .contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(directory / "model.safetensors", lambda path: save_file(state, path, metadata={"format": "pt"}))
+        atomic_write(directory / "model.safetensors", lambda path: save_file(state, path, metadata={"format": "pt"}))
         config_text = json.dumps(dataclasses.asdict(self.config), indent=2)
-        _atomic_write(directory / "config.json", lambda path: Path(path).write_text(config_text))
+        atomic_write(directory / "config.json", lambda path: Path(path).write_text(config_text))
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike], map_location: str = "cpu") -> "UniTok":
         """Load what `save_pretrained` wrote. Nothing is unpickled (JSON + safetensors)."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         for name in ("config.json", "model.safetensors"):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} not found; expected a folder written by save_pretrained")
-        config = from_dict(ModelConfig, json.loads((directory / "config.json").read_text()))
+        config_path = directory / "config.json"
+        try:
+            values = json.loads(config_path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_path} is not valid JSON ({e}); expected the config written by "
+                             f"save_pretrained") from None
+        config = from_dict(ModelConfig, values, what=str(config_path))
+        check_fits_in_memory(cls, config, str(config_path))
         model = cls(config)
-        load_state_dict_checked(model, load_file(str(directory / "model.safetensors"), device=map_location))
+        load_state_dict_checked(model, read_safetensors(directory / "model.safetensors", device=map_location))
         return model.to(map_location)
 
 
-def load_state_dict_checked(model: nn.Module, state: dict) -> None:
-    """load_state_dict that fails with the full list of mismatched keys and shapes, as a ValueError."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
-    if missing or unexpected or shapes:
-        raise ValueError("checkpoint does not match the model config:\n"
-                         + "".join(f"  missing: {k}\n" for k in missing)
-                         + "".join(f"  unexpected: {k}\n" for k in unexpected)
-                         + "".join(f"  shape mismatch {s}\n" for s in shapes))
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(state[k].to(v.dtype))
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a temporary file next to `path`, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def check_fits_in_memory(model_cls, config: ModelConfig, what: str, fraction: float = 0.8) -> int:
+    """Count the parameters of `model_cls(config)` on the meta device (no memory) and refuse a model whose fp32
+    weights would take more than `fraction` of this machine's RAM: a typo such as width=1000000 in a config.json
+    must be an error, not a frozen machine. Returns the parameter count."""
+    with torch.device("meta"):
+        params = model_cls(config).num_parameters()
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not available on this platform: do not guess
+        return params
+    if params * 4 > fraction * ram:
+        raise ValueError(f"{what} describes a model of {params / 1e9:.1f} G parameters ({params * 4 / 2**30:.0f} GiB "
+                         f"in fp32), more than this machine's {ram / 2**30:.0f} GiB of memory can hold; check its sizes")
+    return params

@@ -1,7 +1,7 @@
 """Projections between the transformer width and the small quantizer latent.
 
 UniTok's "attention factorisation" replaces the usual linear down/up projection around the quantizer with a
-small attention block, so each token's latent can draw on its neighbours (REFERENCE.md, AttnProjection):
+small attention block, so each token's latent can draw on its neighbours (docs/method.md, "AttnProjection"):
 
     y = Linear(LN_a(x)) + Attn(LN_b(x));   y = y + GeGLU_MLP(LN_c(y))        (MLP hidden = 2 x out)
 

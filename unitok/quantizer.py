@@ -11,7 +11,7 @@ tokens without the instability of training one huge codebook.
     >>> torch.equal(q.lookup(out.codes), out.z_q)   # decoding codes gives the same vectors
     True
 
-Per chunk (REFERENCE.md): z <- z/|z|, c_j <- c_j/|c_j|, code = argmax_j <z, c_j>, output z + sg(c - z) (straight
+Per chunk (docs/method.md, "Multi-codebook quantization"): z <- z/|z|, c_j <- c_j/|c_j|, code = argmax_j <z, c_j>, output z + sg(c - z) (straight
 through), loss = beta * mse(sg(c), z) + mse(c, sg(z)), averaged over the k chunks. Always fp32, even under autocast.
 
 Why it is fast: the nearest-code search is a (tokens x K) similarity with an inner dimension of only dim // k, so
@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .codes import check_codes, count_codes
 
 
 @dataclass
@@ -126,15 +128,8 @@ class MultiCodebookQuantizer(nn.Module):
         return z_q.reshape(*codes.shape[:-1], self.dim)
 
     def check_codes(self, codes: torch.Tensor) -> None:
-        if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dtype == torch.bool:
-            raise ValueError(f"codes must be an integer tensor of shape (..., {self.num_codebooks}), got "
-                             f"{type(codes).__name__} {getattr(codes, 'dtype', '')}")
-        if codes.ndim == 0 or codes.shape[-1] != self.num_codebooks:
-            raise ValueError(f"codes must have shape (..., {self.num_codebooks}) (one code per sub-codebook), "
-                             f"got {tuple(codes.shape)}")
-        if codes.numel() and codes.device.type != "meta" and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise ValueError(f"codes must lie in [0, {self.codebook_size}), got values in "
-                             f"[{int(codes.min())}, {int(codes.max())}]")
+        """ValueError unless codes is an integer tensor (..., k) with values in [0, K) (see `unitok.codes`)."""
+        check_codes(codes, self.codebook_size, self.num_codebooks, allow_empty=True)
 
     @torch.no_grad()
     def nearest_codes(self, chunks: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
@@ -154,11 +149,8 @@ class MultiCodebookQuantizer(nn.Module):
         return codes.t()
 
     def count_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (N, k) -> (k, K) int64 counts, without a host sync (index_add_, not bincount)."""
-        flat = (codes.reshape(-1, self.num_codebooks) + self.code_offsets).reshape(-1)
-        counts = torch.zeros(self.num_codebooks * self.codebook_size, dtype=torch.long, device=codes.device)
-        counts.index_add_(0, flat, torch.ones_like(flat))
-        return counts.view(self.num_codebooks, self.codebook_size)
+        """codes (N, k) -> (k, K) int64 counts, without a host sync (see `unitok.codes.count_codes`)."""
+        return count_codes(codes, self.codebook_size)
 
     # ------------------------------------------------------------------ internals
     def _gather(self, codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import time
+import weakref
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
 
@@ -29,11 +30,16 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
-from . import metrics as M
 from .config import ModelConfig, Preset, TrainConfig, apply_overrides, get_preset, to_dict
-from .data import build_dataset
+from .checkpoint import atomic_write, load_state_dict_checked, read_torch
+from .codebook_stats import CodebookTracker, stats_from_counts
+from .data import build_datasets
+from .evaluate import evaluate_model, make_summary, write_run_outputs
+from .discriminator import AdversarialLoss, build_lpips, check_loss_weights
 from .losses import UniTokLoss
-from .model import UniTok, _atomic_write, load_state_dict_checked
+from .model import UniTok
+from .runs import RunLock, atomic_write_text, prepare_run_folder
+from .runtime import model_lock, pick_device
 
 LOSS_TERMS = ("l1", "l2", "vq", "clip")
 
@@ -103,14 +109,6 @@ def _distributed() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def default_data_name(dataset: Dataset) -> str:
     return getattr(dataset, "name", type(dataset).__name__)
 
@@ -125,12 +123,15 @@ class Trainer:
             missing. Built from `data` automatically by `from_preset`.
         out_dir: a run folder for config, metrics.jsonl, checkpoints and summary.json (None: keep nothing on disk).
         resume: continue from out_dir's latest checkpoint if there is one.
+        overwrite: start a new run in an out_dir that holds one (the old run is moved aside, never deleted).
+            Without `resume` or `overwrite`, an out_dir that holds a run is refused (see `unitok.runs`).
         data_spec: how the datasets were built (saved in the run's config so `unitok eval` can rebuild them).
     """
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, train_data: Dataset,
                  eval_data: Optional[Dict[str, Dataset]] = None, out_dir: Optional[Union[str, Path]] = None,
-                 resume: bool = False, data_spec: Optional[dict] = None, model: Optional[UniTok] = None):
+                 resume: bool = False, data_spec: Optional[dict] = None, model: Optional[UniTok] = None,
+                 overwrite: bool = False):
         self.model_config, self.config = model_config, train_config
         self.rank, self.world_size, local_rank = _distributed()
         if self.world_size > 1 and not dist.is_initialized():
@@ -141,14 +142,24 @@ class Trainer:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        check_loss_weights(model_config, train_config)  # a missing LPIPS / DINOv2 file stops us before any work
         seed_everything(train_config.seed)
         self.model = (model or UniTok(model_config)).to(self.device)
         self.train_data, self.eval_data = train_data, eval_data or {}
         self.data_spec = data_spec or {"name": default_data_name(train_data)}
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.loss_fn = UniTokLoss(model_config, self.rank, self.world_size)
+        self._lock = None
+        if self.out_dir is not None and self.is_main:  # one run per folder, one process per run (unitok.runs)
+            prepare_run_folder(self.out_dir, resume=resume, overwrite=overwrite)
+            self._lock = RunLock(self.out_dir, "unitok train").acquire()
+            weakref.finalize(self, self._lock.release)
+        self.loss_fn = UniTokLoss(model_config, self.rank, self.world_size, perceptual=build_lpips(
+            train_config.lpips_weights).to(self.device) if model_config.lpips_weight else None)
+        # the GAN term and the discriminator, a second optimizer stepped in the same step (unitok.discriminator)
+        self.adversarial = (AdversarialLoss(model_config, train_config, self.device, autocast=self._autocast)
+                            if model_config.gan_weight else None)
         self.optimizer = self._build_optimizer()
-        self.tracker = M.CodebookTracker(model_config.num_codebooks, model_config.codebook_size,
+        self.tracker = CodebookTracker(model_config.num_codebooks, model_config.codebook_size,
                                          window_tokens=max(4096, 16 * model_config.codebook_size), device=self.device)
         self.step_count = 0
         self.train_seconds = 0.0
@@ -167,9 +178,17 @@ class Trainer:
             self.load_checkpoint(self.out_dir / "checkpoint.pt")
         self._loader_iter = None
         if self.is_main and self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.out_dir / "config.json", lambda p: Path(p).write_text(json.dumps(
-                {"model": to_dict(model_config), "train": to_dict(train_config), "data": self.data_spec}, indent=2)))
+            config_text = json.dumps({"model": to_dict(model_config), "train": to_dict(train_config),
+                                      "data": self.data_spec}, indent=2)
+            config_path = self.out_dir / "config.json"
+            if not config_path.exists() or config_path.read_text() != config_text:
+                atomic_write_text(config_path, config_text)
+
+    def close(self) -> None:
+        """Release the run folder's lock (also done when the trainer is garbage-collected or the process ends)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -243,7 +262,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def step(self) -> dict:
-        """One optimisation step. Returns its metrics (also appended to `history`)."""
+        """One optimisation step. Returns its metrics (also appended to `history`).
+
+        Holds the model's lock (`unitok.runtime.model_lock`) for the whole step: a view that evaluates the same
+        model from another thread (`eval_mode`) waits for the step instead of switching the model to eval mode
+        half-way through it."""
+        with model_lock(self.model):
+            return self._locked_step()
+
+    def _locked_step(self) -> dict:
         start = time.perf_counter()
         batch = self._next_batch()
         images = batch["image"].to(self.device, non_blocking=True)
@@ -255,12 +282,15 @@ class Trainer:
         with self._autocast():
             out = self._train_model(images, texts)
         terms = self.loss_fn(out, images)
+        if self.adversarial is not None:  # GAN term with the adaptive weight on the decoder's last layer
+            terms = self.adversarial.generator_terms(terms, out.reconstruction, self.model.last_decoder_layer,
+                                                     self.step_count, self.config.steps)
         values = torch.stack([t.detach().float() for t in terms.values()]).tolist()  # one host sync per step
         logged = dict(zip(terms.keys(), values))
         bad = [name for name, v in logged.items() if not math.isfinite(v)]
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
-            last = self._last_checkpoint_step()
+            last = self.last_checkpoint_step()
             kept = ("the model keeps its weights from before this step" if self.out_dir is None else
                     f"no checkpoint has been written to {self.out_dir} yet" if last is None else
                     f"the last good checkpoint (step {last}) is kept in {self.out_dir}")
@@ -270,6 +300,8 @@ class Trainer:
         terms["total"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
+        disc_metrics = ({} if self.adversarial is None else self.adversarial.discriminator_step(
+            images, out.reconstruction.detach(), self.step_count, self.config.steps))
         with torch.no_grad():  # the reference clamps the learnable temperature to at most ln(100)
             self.model.logit_scale.clamp_(0, self.model_config.logit_scale_max)
         self.tracker.update(out.codes.detach())
@@ -279,7 +311,8 @@ class Trainer:
         metrics = {"step": self.step_count, "lr": lr, "loss": logged.pop("total"), **logged,
                    "psnr_batch": 10 * math.log10(4.0 / max(logged["l2"], 1e-12)),
                    "grad_norm": float(grad_norm), "logit_scale": float(self.model.logit_scale.detach().exp()),
-                   "seconds": seconds, "images_per_second": images.shape[0] * self.world_size / seconds}
+                   "seconds": seconds, "images_per_second": images.shape[0] * self.world_size / seconds,
+                   **disc_metrics}
         if self.step_count % self.config.log_every == 0 or self.step_count == 1:
             metrics.update(self.codebook_window_stats())
         self.history.append(metrics)
@@ -298,9 +331,9 @@ class Trainer:
         counts = self.tracker.window_counts()
         if self.world_size > 1:
             dist.all_reduce(counts)
-        s = M.stats_from_counts(counts)
-        return {"usage": s["usage"], "dead": s["dead"], "perplexity": s["perplexity"],
-                "usage_window_tokens": s["window_tokens"]}
+        s = stats_from_counts(counts)
+        return {"codebook_usage": s["codebook_usage"], "dead_codes": s["dead_codes"], "perplexity": s["perplexity"],
+                "codebook_window_tokens": s["window_tokens"]}
 
     def run(self, steps: Optional[int] = None, progress: bool = True) -> List[dict]:
         """Train until `steps` more steps are done (default: up to config.steps), evaluating and checkpointing on
@@ -353,6 +386,7 @@ class Trainer:
             "history": self.history,
             "eval_history": self.eval_history,
             "torch_rng": torch.get_rng_state(),
+            **({"adversarial": self.adversarial.state_dict()} if self.adversarial is not None else {}),
         }
 
     def save_checkpoint(self) -> Optional[Path]:
@@ -361,17 +395,18 @@ class Trainer:
             return None
         path = self.out_dir / "checkpoint.pt"
         state = self.state_dict()
-        _atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
         return path
 
-    def _last_checkpoint_step(self) -> Optional[int]:
+    def last_checkpoint_step(self) -> Optional[int]:
+        """The step saved in out_dir/checkpoint.pt, or None when there is none."""
         if self.out_dir is None or not (self.out_dir / "checkpoint.pt").exists():
             return None
-        return int(torch.load(self.out_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["step"])
+        return int(read_torch(self.out_dir / "checkpoint.pt")["step"])
 
     def load_checkpoint(self, path: Union[str, Path]) -> None:
         """Restore everything `save_checkpoint` wrote; the next step continues exactly where it left off."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_torch(path, what="a checkpoint.pt written by Trainer.save_checkpoint")
         load_state_dict_checked(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.tracker.load_state_dict(state["tracker"])
@@ -380,6 +415,8 @@ class Trainer:
         self.best_score = float(state["best_score"])
         self.history, self.eval_history = list(state["history"]), list(state["eval_history"])
         torch.set_rng_state(state["torch_rng"])
+        if self.adversarial is not None:
+            self.adversarial.load_state_dict(state.get("adversarial"))
         self._loader_iter = None
         if self.is_main and self.out_dir is not None:  # drop log lines written after the checkpoint (a crash)
             for name, rows in (("metrics.jsonl", self.history), ("eval.jsonl", self.eval_history)):
@@ -399,176 +436,3 @@ class Trainer:
 def _repeat(loader):
     while True:
         yield from loader
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# datasets for a run
-# ---------------------------------------------------------------------------------------------------------------
-def build_datasets(spec: dict, image_size: int, seed: int = 0):
-    """(train dataset, eval datasets) for a data spec {"name", "path", "eval_images"}."""
-    name, path, n_eval = spec["name"], spec.get("path"), int(spec.get("eval_images") or 1024)
-    kwargs = {"path": path} if path else {}
-    if name == "shapes":
-        train = build_dataset("shapes", image_size, split="train", seed=seed)
-        evals = {"recon": build_dataset("shapes", image_size, split="test", seed=seed, length=n_eval),
-                 "zero_shot": build_dataset("shapes", image_size, split="test", seed=seed, length=n_eval,
-                                            max_objects=1),
-                 "zero_shot_heldout": build_dataset("shapes", image_size, split="heldout", seed=seed,
-                                                    length=n_eval)}
-    elif name == "fashion-mnist":
-        train = build_dataset(name, image_size, split="train")
-        test = build_dataset(name, image_size, split="test")
-        evals = {"recon": test, "zero_shot": test}
-    else:
-        train = build_dataset(name, image_size, split="train", **kwargs)
-        evals = {"recon": train} if not isinstance(train, IterableDataset) else {}
-    if not isinstance(train, IterableDataset) and len(train) == 0:
-        raise ValueError(f"dataset {name!r} yields no items; expected at least one image")
-    return train, evals
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# evaluation
-# ---------------------------------------------------------------------------------------------------------------
-def _take(dataset: Dataset, n: int) -> Dataset:
-    if isinstance(dataset, IterableDataset) or len(dataset) <= n:
-        return dataset
-    return torch.utils.data.Subset(dataset, range(n))
-
-
-@torch.no_grad()
-def evaluate_model(model: UniTok, eval_data: Dict[str, Dataset], batch_size: int = 64, device=None,
-                   fid: Optional[str] = None, max_images: Optional[int] = None) -> dict:
-    """PSNR, SSIM and codebook statistics over a full pass of eval_data["recon"]; zero-shot top-1/top-5 over the
-    dataset's class names x prompt templates on eval_data["zero_shot"] (and "zero_shot_heldout"); image<->text
-    retrieval R@1/R@5; FID when `fid` is "proxy" (EfficientNet-Lite0 features) or a path to Inception weights.
-
-    Under DDP every rank evaluates the full sets (simple and exact; evaluation is small next to training).
-    """
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    results: dict = {}
-    recon = eval_data.get("recon")
-    if recon is not None:
-        results.update(_reconstruction_metrics(model, _take(recon, max_images or 10 ** 9), batch_size, device, fid))
-    for key, suffix in (("zero_shot", ""), ("zero_shot_heldout", "_heldout")):
-        ds = eval_data.get(key)
-        if ds is not None and hasattr(_unwrap(ds), "zero_shot_tasks"):
-            results.update(_zero_shot_metrics(model, _take(ds, max_images or 10 ** 9), batch_size, device, suffix))
-    model.train(was_training)
-    return results
-
-
-def _unwrap(ds):
-    return ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
-
-
-def _loader(ds, batch_size):
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=default_collate)
-
-
-def _reconstruction_metrics(model, ds, batch_size, device, fid) -> dict:
-    k, K = model.config.num_codebooks, model.config.codebook_size
-    psnrs, ssims, codes_all, img_feats, txt_feats, captions = [], [], [], [], [], []
-    # every rank evaluates the whole set, so the statistics must not be summed over ranks
-    fid_acc = (M.FIDAccumulator(_fid_extractor(fid), device=device, reduce_over_ranks=False)
-               if fid and fid != "none" else None)
-    for batch in _loader(ds, batch_size):
-        images = batch["image"].to(device)
-        q = model.quantize(images)
-        tokens = model.post_quant_proj(model.quantizer.lookup(q.codes))
-        recon = model.decoder(tokens).float().clamp(-1, 1)
-        psnrs.append(M.psnr(recon, images, reduction="none").cpu())
-        ssims.append(M.ssim(recon, images, reduction="none").cpu())
-        codes_all.append(q.codes.reshape(-1, k).cpu())
-        img_feats.append(model.image_head(tokens).float().cpu())
-        txt_feats.append(model.encode_text(list(batch["caption"])).float().cpu())
-        captions.extend(batch["caption"])
-        if fid_acc is not None:
-            fid_acc.update(real=images, fake=recon)
-    stats = M.codebook_stats(torch.cat(codes_all), K)
-    out = {"psnr": float(torch.cat(psnrs).mean()), "ssim": float(torch.cat(ssims).mean()),
-           "eval_images": int(sum(len(p) for p in psnrs)),
-           "codebook_usage": stats["usage"], "dead_codes": stats["dead"], "perplexity": stats["perplexity"],
-           "normalized_entropy": stats["normalized_entropy"], "batch_usage": stats["batch_usage"],
-           "joint_unique_fraction": stats["joint_unique_fraction"], "mean_pairwise_mi": stats["mean_pairwise_mi"],
-           "codebook_window_tokens": stats["window_tokens"]}
-    out.update({f"retrieval_{k_}": v for k_, v in
-                M.retrieval_recall(torch.cat(img_feats), torch.cat(txt_feats), captions=captions).items()})
-    if fid_acc is not None:
-        f = fid_acc.compute()
-        out.update({"fid": f["fid"], "fid_extractor": f["extractor"], "fid_images": f["num_images"]})
-    return out
-
-
-def _fid_extractor(fid: str):
-    if fid == "proxy":
-        return M.EfficientNetLite0Features()
-    if os.path.isfile(fid):
-        return M.InceptionFeatures(fid)
-    raise ValueError(f"fid must be 'none', 'proxy' or a path to Inception-v3 weights, got {fid!r}")
-
-
-def _zero_shot_metrics(model, ds, batch_size, device, suffix) -> dict:
-    tasks = _unwrap(ds).zero_shot_tasks()
-    feats, labels = [], {name: [] for name in tasks}
-    for batch in _loader(ds, batch_size):
-        feats.append(model.encode_image(batch["image"].to(device)).float())
-        for name, (_, _, key) in tasks.items():
-            labels[name].append(batch["labels"][key])
-    feats = torch.cat(feats)
-    out = {}
-    for i, (name, (classnames, templates, _)) in enumerate(tasks.items()):
-        classifier = M.zero_shot_classifier(model, classnames, templates, device=device)
-        acc = M.zero_shot_accuracy(feats, torch.cat(labels[name]).to(device), classifier)
-        for k_, v in acc.items():
-            if k_.startswith("top"):
-                out[f"zero_shot_{name}_{k_}{suffix}"] = v
-    # The headline figure: the most specific task (the first one a dataset lists).
-    headline = next(iter(tasks))
-    out[f"zero_shot_top1{suffix}"] = out[f"zero_shot_{headline}_top1{suffix}"]
-    out[f"zero_shot_task{suffix}"] = headline
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# run outputs
-# ---------------------------------------------------------------------------------------------------------------
-def make_summary(results: dict, steps: int, train_seconds: float, model_config: ModelConfig, data: dict) -> dict:
-    summary = {"steps": steps, "train_seconds": round(train_seconds, 2), "data": data,
-               "model": {"image_size": model_config.image_size, "tokens": model_config.num_tokens,
-                         "num_codebooks": model_config.num_codebooks, "codebook_size": model_config.codebook_size}}
-    summary.update(results)
-    return summary
-
-
-def write_run_outputs(out_dir: Path, summary: dict, model: UniTok, eval_data: dict, device) -> None:
-    """summary.json, reconstructions.png (originals over reconstructions) and codebook_usage.png."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from .data import make_grid_image
-
-    out_dir = Path(out_dir)
-    _atomic_write(out_dir / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
-    recon_ds = eval_data.get("recon")
-    if recon_ds is not None:
-        batch = default_collate([recon_ds[i] for i in range(min(16, len(recon_ds)))])
-        images = batch["image"].to(device)
-        with torch.no_grad():
-            model.eval()
-            recon = model.reconstruct(images).clamp(-1, 1)
-        grid = make_grid_image(torch.cat([images, recon]).cpu(), nrow=len(images))
-        plt.imsave(out_dir / "reconstructions.png", grid)
-    usage = summary.get("codebook_usage")
-    if usage:
-        fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(usage) + 2), 3))
-        ax.bar(range(len(usage)), [100 * u for u in usage], color="#4c72b0")
-        ax.set_xlabel("sub-codebook")
-        ax.set_ylabel("codes used (%)")
-        ax.set_ylim(0, 100)
-        ax.set_title(f"codebook usage over {summary.get('codebook_window_tokens', '?')} eval tokens")
-        fig.tight_layout()
-        fig.savefig(out_dir / "codebook_usage.png", dpi=100)
-        plt.close(fig)

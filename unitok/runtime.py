@@ -1,0 +1,92 @@
+"""Where and how a model runs: device lookup and a thread-safe evaluation-mode context.
+
+    >>> device = pick_device("auto")             # cuda:0 when there is a GPU, else cpu
+    >>> model_device(model)                      # the device of the model's first parameter (cpu if none)
+    >>> with eval_mode(model):                   # eval mode, no_grad; the training flag is restored afterwards
+    ...     recon = model.reconstruct(images)
+
+Why a lock: a notebook can train a model in a background thread (the training dashboard runs `Trainer.step()`
+there) while other views evaluate the *same* model from the main thread. Switching to eval mode is a flag on
+the shared module, so without coordination a training step could run in eval mode (with dead-code restart on,
+a batch would go uncounted), or a view could restore train mode in the middle of another view's pass.
+`eval_mode` and `Trainer.step` therefore hold the model's re-entrant lock (`model_lock(model)`) for their whole
+duration: a view waits for the current training step to finish (well under a second for the CPU presets) and the
+next step waits for the view. The lock is per model object and re-entrant, so nesting `eval_mode` (an
+evaluation pass that calls the zero-shot helpers) or evaluating from a training callback is fine.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from typing import Iterator, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ["pick_device", "model_device", "model_lock", "eval_mode"]
+
+# One lock per model object. Kept outside the module (not an attribute) so that models stay deep-copyable and
+# picklable, and the entry disappears with the model.
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def pick_device(name: Union[str, torch.device] = "auto", local_rank: int = 0) -> torch.device:
+    """"auto" -> cuda:local_rank when available, else cpu; an explicit device is checked before it is used."""
+    if str(name) != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"device {name!r} is not a device name; expected 'auto', 'cpu', 'cuda' or 'cuda:N'") \
+                from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} was asked for, but this PyTorch sees no CUDA GPU "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}); "
+                             f"use --device cpu / --set device=cpu, or 'auto'")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def model_device(model) -> torch.device:
+    """The device of the first parameter (then buffer) of an nn.Module; cpu for anything without tensors."""
+    if isinstance(model, nn.Module):
+        for t in model.parameters():
+            return t.device
+        for t in model.buffers():
+            return t.device
+    return torch.device("cpu")
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The re-entrant lock that serialises training steps and evaluation passes on `model` (created on first use)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
+@contextlib.contextmanager
+def eval_mode(model, no_grad: bool = True) -> Iterator:
+    """Put `model` in eval mode (and no_grad) for the block; restore its training flag afterwards, even on error.
+
+    Holds `model_lock(model)` throughout (see the module docstring). Anything that is not an nn.Module (a fake
+    model in a test, a plain function) passes through unchanged.
+    """
+    if not isinstance(model, nn.Module):
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            yield model
+        return
+    with model_lock(model):
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad() if no_grad else contextlib.nullcontext():
+                yield model
+        finally:
+            model.train(was_training)
