@@ -167,10 +167,6 @@ def test_environment_yml_shape(environment):
     assert pip[-1] == "-e ."                                  # the project itself, last
     options = [line for line in pip if line.startswith("-")]
     assert options == ["-e ."], f"pip options are not allowed in environment files (only '-e .'): {options}"
-    head = (ROOT / "environment.yml").read_text().splitlines()[0]
-    assert head.startswith("#")
-    comment = "".join(line for line in (ROOT / "environment.yml").read_text().splitlines() if line.startswith("#"))
-    assert "pyproject.toml" in comment and "constraints.txt" in comment and "test" in comment
 
 
 def test_environment_lists_exactly_the_projects_packages(environment, project_requirements):
@@ -233,7 +229,35 @@ def test_every_install_command_uses_the_constraints():
     assert project_installs >= 1, f"no install of the project (pip install ... -e .) found: {commands}"
 
 
+def _make_variable(name: str) -> list:
+    match = re.search(rf"^{name}\s*:?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M)
+    assert match, f"the Makefile has no {name} variable"
+    return match.group(1).split(",")
+
+
 def test_makefile_installs_every_extra(pyproject):
-    match = re.search(r"^EXTRAS\s*:?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M)
-    assert match, "the Makefile has no EXTRAS variable"
-    assert set(match.group(1).split(",")) == set(pyproject["project"]["optional-dependencies"])
+    assert set(_make_variable("EXTRAS")) == set(pyproject["project"]["optional-dependencies"])
+
+
+def _recipe(target_line: str) -> list:
+    """The recipe lines (tab-indented) that follow the first Makefile line starting with `target_line`."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(target_line))
+    recipe = []
+    for line in lines[start + 1:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line.strip())
+    return recipe
+
+
+def test_make_lab_installs_only_the_notebooks_extra_and_shows_progress(pyproject):
+    lab_extras = _make_variable("LAB_EXTRAS")
+    assert set(lab_extras) <= set(pyproject["project"]["optional-dependencies"])
+    assert not {"test", "bench"} & set(lab_extras), lab_extras       # no pytest, playwright, benchmark packages
+    assert re.search(r"^lab:\s*\$\(LAB_STAMP\)", (ROOT / "Makefile").read_text(), re.M), "lab must use the lab set-up"
+    recipe = _recipe("$(LAB_STAMP):")
+    installs = [i for i, line in enumerate(recipe) if "pip install" in line and "-e" in line]
+    assert len(installs) == 1 and "$(LAB_EXTRAS)" in recipe[installs[0]], recipe
+    assert "--quiet" not in recipe[installs[0]] and "-q " not in recipe[installs[0]], "pip must show its progress"
+    assert any("echo" in line for line in recipe[:installs[0]]), "say what is being installed before pip starts"
