@@ -34,7 +34,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     mlp: str = "gelu"                 # "gelu" (timm Mlp) or "geglu" (timm GluMlp with GELU, as in ViTamin)
     # projection around the quantizer
-    projection: str = "attn"          # "attn" (AttnProjection) or "linear"
+    projection: str = "attn"          # "attn" (AttnProjection), "linear", or "attn_reference" (the released layout)
     projection_causal: bool = False   # an early reference release used causal attention
     # multi-codebook quantizer
     latent_dim: int = 32
@@ -46,6 +46,7 @@ class ModelConfig:
     dead_code_restart_every: int = 0  # 0 = off (as in the reference); N = restart unused codes every N steps
     # CLIP heads
     embed_dim: int = 64               # shared image/text embedding size
+    image_head_depth: int = 0         # transformer blocks over the quantized tokens before pooling (0: the reference)
     text_width: int = 64
     text_layers: int = 2
     text_heads: int = 4
@@ -58,30 +59,58 @@ class ModelConfig:
     l2_weight: float = 1.0
     vq_weight: float = 1.0
     clip_weight: float = 1.0
+    # the reference layout (unitok.vitamin): ViTamin encoder, convolutional decoder, the reference's projections
+    decoder: str = "vit"              # "vit" (blocks + per-token pixel head) or "vitamin" (blocks + conv upsampling)
+    conv_widths: tuple = ()           # ViTamin encoder (stem, stage 1, stage 2) widths; () = the named size's
+    conv_depths: tuple = ()           # ViTamin encoder MbConv blocks per stage; () = (2, 4)
+    decoder_conv_widths: tuple = ()   # ViTamin decoder (up_conv2, up_conv3) widths; () = the named size's
+    decoder_conv_depths: tuple = ()   # ViTamin decoder blocks in up_conv2, up_conv3; () = (4, 2)
+    fc_norm_eps: float = 1e-5         # the reference's image head uses 1e-6
+    # perceptual and adversarial terms (unitok.discriminator); 0 = off
+    lpips_weight: float = 0.0         # LPIPS (VGG), needs images >= 48 px
+    gan_weight: float = 0.0           # w_g: the GAN term, times the adaptive weight
+    gan_start: float = 0.375          # fraction of training before the GAN (and the discriminator) starts
+    gan_warmup: float = 0.01          # then a linear ramp of the GAN weight over this fraction of training
+    gan_adaptive_scale: float = 0.4   # d_weight = scale * |grad L_nll| / |grad L_gan| on the decoder's last layer
+    gan_adaptive_max: float = 1e4     # ... clamped to [0, this]
+    disc_cr_weight: float = 4.0       # consistency regularisation of the discriminator
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
-        problems = []
+        problems = _check_fields(self, positive=(
+            "image_size", "patch_size", "in_chans", "width", "num_heads", "latent_dim", "num_codebooks",
+            "codebook_size", "embed_dim", "text_width", "text_layers", "text_heads", "context_length", "vocab_size"),
+            non_negative=("encoder_depth", "decoder_depth", "image_head_depth", "mlp_ratio", "beta", "entropy_weight",
+                          "dead_code_restart_every", "l1_weight", "l2_weight", "vq_weight", "clip_weight"))
+        if problems:  # the divisibility checks below would divide by zero
+            raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(problems))
         if self.image_size % self.patch_size:
             problems.append(f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
         if self.latent_dim % self.num_codebooks:
             problems.append(f"latent_dim {self.latent_dim} must be divisible by num_codebooks {self.num_codebooks}")
         if self.width % self.num_heads:
             problems.append(f"width {self.width} must be divisible by num_heads {self.num_heads}")
-        if self.projection == "attn" and max(self.width, self.latent_dim) % min(self.width, self.latent_dim):
+        if self.projection.startswith("attn") and max(self.width, self.latent_dim) % min(self.width, self.latent_dim):
             problems.append(f"attn projection needs width {self.width} to be a multiple of latent_dim {self.latent_dim}")
-        if self.projection not in ("attn", "linear"):
-            problems.append(f"projection must be 'attn' or 'linear', got {self.projection!r}")
+        if self.projection not in ("attn", "linear", "attn_reference"):
+            problems.append(f"projection must be 'attn', 'linear' or 'attn_reference', got {self.projection!r}")
         if self.mlp not in ("gelu", "geglu"):
             problems.append(f"mlp must be 'gelu' or 'geglu', got {self.mlp!r}")
+        problems += _reference_layout_problems(self)
         if self.text_width % self.text_heads:
             problems.append(f"text_width {self.text_width} must be divisible by text_heads {self.text_heads}")
-        if self.codebook_size < 1 or self.num_codebooks < 1:
-            problems.append("codebook_size and num_codebooks must be positive")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    @classmethod
+    def from_reference_args(cls, args: dict, state: dict | None = None, **overrides) -> "ModelConfig":
+        """The config of a released-UniTok checkpoint from its `args` dict; depths and widths are read from the
+        state dict when given (so smaller variants load too). See `unitok.reference.config_from_reference`."""
+        from .reference import config_from_reference
+
+        return config_from_reference(args, state, **overrides)
 
     @property
     def grid_size(self) -> int:
@@ -105,14 +134,34 @@ class TrainConfig:
     min_lr_ratio: float = 0.1         # ... then cosine down to 0.1 x lr
     grad_clip: float = 10.0
     seed: int = 0
-    eval_every: int = 500
+    eval_every: int = 500             # 0 = only the final evaluation
     eval_images: int = 1024
-    checkpoint_every: int = 250
+    checkpoint_every: int = 250       # 0 = only at the end (and on request)
     log_every: int = 10
     device: str = "auto"              # "auto" picks cuda when available
     amp: bool = True                  # bf16 autocast + TF32 on CUDA; CPU always runs fp32
     compile: bool = False             # torch.compile, opt-in
     num_workers: int = 0
+    # discriminator (used when model.gan_weight > 0) and where the loss networks' weights come from
+    disc_lr: float = 2e-5
+    disc_betas: tuple = (0.5, 0.9)
+    disc_weight_decay: float = 0.0
+    disc_image_size: int = 224        # images are resized to this for the DINOv2 backbone (a multiple of 14)
+    lpips_weights: str = ""           # "" = search the usual places (docs/reference_checkpoint.md); "random" = tests
+    dino_weights: str = ""            # same for the DINOv2 ViT-S/14 backbone
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas) if isinstance(self.betas, list) else self.betas
+        problems = _check_fields(self, positive=("batch_size", "steps", "lr", "eval_images", "log_every"),
+                                 non_negative=("eval_every", "checkpoint_every", "weight_decay", "eps", "warmup_fraction", "min_lr_ratio", "grad_clip",
+                                               "seed", "num_workers"))
+        if not problems and not (isinstance(self.betas, tuple) and len(self.betas) == 2
+                                 and all(0 <= b < 1 for b in self.betas)):
+            problems.append(f"betas={self.betas!r} is not allowed; expected two numbers in [0, 1)")
+        if not problems and self.warmup_fraction > 1:
+            problems.append(f"warmup_fraction={self.warmup_fraction!r} is not allowed; expected a fraction in [0, 1]")
+        if problems:
+            raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(problems))
 
 
 @dataclass
@@ -138,7 +187,8 @@ def _base() -> Preset:
     return Preset(
         ModelConfig(image_size=256, patch_size=16, width=512, encoder_depth=8, decoder_depth=8, num_heads=8,
                     mlp="geglu", latent_dim=64, num_codebooks=8, codebook_size=4096, embed_dim=512,
-                    text_width=512, text_layers=8, text_heads=8, context_length=77),
+                    text_width=512, text_layers=8, text_heads=8, context_length=77,
+                    lpips_weight=1.0, gan_weight=1.0),  # the full objective (its weights: docs/reference_checkpoint.md)
         TrainConfig(batch_size=64, steps=100_000, lr=5e-4),
     )
 
@@ -150,12 +200,54 @@ def _paper() -> Preset:
         ModelConfig(image_size=256, patch_size=16, encoder="vitamin_large_256", width=1024, encoder_depth=31,
                     decoder_depth=31, num_heads=16, mlp="geglu", latent_dim=64, num_codebooks=8,
                     codebook_size=4096, embed_dim=768, text_width=768, text_layers=12, text_heads=12,
-                    context_length=77),
+                    context_length=77, lpips_weight=1.0, gan_weight=1.0),
         TrainConfig(batch_size=64, steps=20_000_000, lr=5e-4, weight_decay=0.02),
     )
 
 
 PRESETS = {"tiny": _tiny, "small": _small, "base": _base, "paper": _paper}
+
+
+def _reference_layout_problems(cfg: "ModelConfig") -> list[str]:
+    """Checks of the reference-layout choices and the perceptual/adversarial settings (see unitok.vitamin)."""
+    problems = []
+    if cfg.decoder not in ("vit", "vitamin"):
+        problems.append(f"decoder must be 'vit' or 'vitamin', got {cfg.decoder!r}")
+    if (cfg.encoder in ("vitamin_base", "vitamin_large", "vitamin") or cfg.decoder == "vitamin") \
+            and cfg.patch_size != 16:
+        problems.append(f"the ViTamin encoder/decoder work at 16x down-sampling: patch_size must be 16, got "
+                        f"{cfg.patch_size}")
+    for name, n in (("conv_widths", 3), ("conv_depths", 2), ("decoder_conv_widths", 2), ("decoder_conv_depths", 2)):
+        value = getattr(cfg, name)
+        if len(value) not in (0, n) or any(float(v) != int(v) or int(v) < 1 for v in value):
+            problems.append(f"{name}={value!r} is not allowed; expected () or {n} positive integers")
+    if cfg.lpips_weight and cfg.image_size < 48:
+        problems.append(f"lpips_weight={cfg.lpips_weight} needs images of at least 48 px (VGG's receptive field), "
+                        f"got image_size={cfg.image_size}; set lpips_weight=0")
+    if not 0 <= cfg.gan_start <= 1 or not 0 <= cfg.gan_warmup <= 1:
+        problems.append(f"gan_start={cfg.gan_start} and gan_warmup={cfg.gan_warmup} must be fractions in [0, 1]")
+    if cfg.lpips_weight < 0 or cfg.gan_weight < 0 or cfg.disc_cr_weight < 0:
+        problems.append("lpips_weight, gan_weight and disc_cr_weight must be >= 0")
+    return problems
+
+
+def _check_fields(cfg, positive=(), non_negative=()) -> list[str]:
+    """Type and range problems of a config's fields, each naming the key, the value and what is allowed."""
+    problems = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        ok_type = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+                   "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                   "bool": lambda v: isinstance(v, bool),
+                   "str": lambda v: isinstance(v, str)}.get(kind, lambda v: True)
+        if not ok_type(value):
+            problems.append(f"{f.name}={value!r} has the wrong type; expected {kind}")
+        elif f.name in positive and not value > 0:
+            problems.append(f"{f.name}={value!r} is not allowed; expected a number > 0")
+        elif f.name in non_negative and not value >= 0:
+            problems.append(f"{f.name}={value!r} is not allowed; expected a number >= 0")
+    return problems
 
 
 def get_preset(name: str) -> Preset:
@@ -169,16 +261,37 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls, values: dict):
-    """Build `cls` from a dict, refusing unknown keys (a typo must not silently fall back to a default)."""
+# Fields added after models were first saved, with defaults that reproduce how those older models computed. A saved
+# config may omit exactly these; any other missing key is an error (a default could silently change the model).
+# Add a field here only if its default keeps older saved models computing what they computed.
+FIELDS_WITH_SAFE_DEFAULTS: dict[str, set[str]] = {
+    # the reference layout and the perceptual/adversarial terms: their defaults are the toy layout, terms off
+    "ModelConfig": {"decoder", "conv_widths", "conv_depths", "decoder_conv_widths", "decoder_conv_depths",
+                    "fc_norm_eps", "lpips_weight", "gan_weight", "gan_start", "gan_warmup", "gan_adaptive_scale",
+                    "gan_adaptive_max", "disc_cr_weight", "image_head_depth"},
+    "TrainConfig": {"disc_lr", "disc_betas", "disc_weight_decay", "disc_image_size", "lpips_weights",
+                    "dino_weights"},
+}
+
+
+def from_dict(cls, values: dict, what: str = "config"):
+    """Build `cls` from a saved dict, refusing unknown and missing keys and values of the wrong type.
+
+    A typo or a missing key must not silently fall back to a default; `what` names the source in messages.
+    """
+    if not isinstance(values, dict):
+        raise ValueError(f"{what}: expected a JSON object of {cls.__name__} fields, got {type(values).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; expected a subset of {sorted(known)}")
-    values = dict(values)
-    if cls is TrainConfig and "betas" in values:
-        values["betas"] = tuple(values["betas"])
-    return cls(**values)
+        raise ValueError(f"{what}: unknown {cls.__name__} keys {unknown}; expected a subset of {sorted(known)}")
+    missing = sorted(known - set(values) - FIELDS_WITH_SAFE_DEFAULTS.get(cls.__name__, set()))
+    if missing:
+        raise ValueError(f"{what}: {cls.__name__} keys {missing} are missing; a saved config must list every field")
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{what}: {e}") from None
 
 
 def apply_overrides(preset: Preset, overrides: list[str] | dict[str, Any]) -> Preset:
@@ -198,7 +311,7 @@ def apply_overrides(preset: Preset, overrides: list[str] | dict[str, Any]) -> Pr
             train[name] = _coerce(key, value, types[name], train[name])
         else:
             raise ValueError(f"unknown setting {key!r}; model keys: {sorted(model)}; train keys: {sorted(train)}")
-    return Preset(from_dict(ModelConfig, model), from_dict(TrainConfig, train))
+    return Preset(from_dict(ModelConfig, model, "overrides"), from_dict(TrainConfig, train, "overrides"))
 
 
 def _coerce(key: str, value: Any, type_name: Any, current: Any) -> Any:

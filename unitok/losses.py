@@ -2,7 +2,8 @@
 
     total = l1_weight * |x - x_hat|_1 + l2_weight * |x - x_hat|^2 + vq_weight * L_vq + clip_weight * L_clip
 
-(0.2, 1.0, 1.0, 1.0 in the reference; pixels in [-1, 1]). L_clip is open_clip's symmetric InfoNCE `ClipLoss`;
+(0.2, 1.0, 1.0, 1.0 in the reference; pixels in [-1, 1]). With lpips_weight > 0 the perceptual term
+lpips_weight * LPIPS-VGG(x_hat, x) joins (the full objective; the GAN term is `unitok.discriminator`). L_clip is open_clip's symmetric InfoNCE `ClipLoss`;
 under DDP it gathers features from every rank so the contrastive batch is the global batch.
 """
 from __future__ import annotations
@@ -19,10 +20,17 @@ from .model import UniTokOutput
 class UniTokLoss:
     """Callable: (UniTokOutput, images) -> dict of named scalar terms, with "total" the weighted sum."""
 
-    def __init__(self, config: ModelConfig, rank: int = 0, world_size: int = 1):
+    def __init__(self, config: ModelConfig, rank: int = 0, world_size: int = 1, perceptual=None):
+        """perceptual: the frozen LPIPS module for lpips_weight > 0; None builds it from the default weight file
+        (`unitok.discriminator.build_lpips`, a FileNotFoundError naming the file when it is missing)."""
         from open_clip import ClipLoss
 
         self.config = config
+        if config.lpips_weight and perceptual is None:
+            from .discriminator import build_lpips
+
+            perceptual = build_lpips()
+        self.perceptual = perceptual if config.lpips_weight else None
         # local_loss=False + gather_with_grad=True: every rank computes the loss over the global batch.
         self.clip_loss = ClipLoss(local_loss=False, gather_with_grad=world_size > 1, cache_labels=True,
                                   rank=rank, world_size=world_size)
@@ -35,10 +43,14 @@ class UniTokLoss:
             "l2": F.mse_loss(recon, images),
             "vq": out.vq_loss,
         }
+        if self.perceptual is not None:
+            self.perceptual.to(recon.device)
+            terms["lpips"] = self.perceptual(recon, images).mean()
         if out.text_features is not None and cfg.clip_weight:
             terms["clip"] = self.clip_loss(out.image_features.float(), out.text_features.float(), out.logit_scale)
         if out.entropy_loss is not None:
             terms["entropy"] = out.entropy_loss.detach()  # already inside vq_loss, weighted; logged for insight
-        weights = {"l1": cfg.l1_weight, "l2": cfg.l2_weight, "vq": cfg.vq_weight, "clip": cfg.clip_weight}
+        weights = {"l1": cfg.l1_weight, "l2": cfg.l2_weight, "vq": cfg.vq_weight, "clip": cfg.clip_weight,
+                   "lpips": cfg.lpips_weight}
         terms["total"] = sum(weights[name] * value for name, value in terms.items() if name in weights)
         return terms
