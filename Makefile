@@ -9,7 +9,7 @@ LAB_STAMP  := $(VENV)/.installed-lab
 LAB_EXTRAS := notebook
 PORT    ?= 8888
 
-.PHONY: venv test lab data clean bench checkpoint
+.PHONY: venv test lab data clean bench checkpoint docs-notebooks
 
 venv: $(STAMP)
 
@@ -49,6 +49,14 @@ lab: $(LAB_STAMP)
 	echo "==> open http://127.0.0.1:$(PORT)/lab/tree/00_quickstart.ipynb?token=$$token"; \
 	exec $(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) $(if $(filter 0,$(shell id -u)),--allow-root) \
 		--ServerApp.root_dir=notebooks --IdentityProvider.token="$$token" $(CURDIR)/notebooks/00_quickstart.ipynb
+
+# Pre-run copies of the notebooks (outputs kept) in docs/notebooks/, for a class that reads instead of running.
+# Runs the real notebooks in classroom mode, one after another (the run times land in docs/notebooks/runs.jsonl).
+# Another set: make docs-notebooks DOCS_NOTEBOOKS="00_quickstart 05_zero_shot_understanding"
+DOCS_NOTEBOOKS ?= 02_codebook_utilization 04_token_embeddings
+docs-notebooks: $(LAB_STAMP)
+	$(BIN)/python -c 'import sys; from unitok_widgets.lab import _main; _main(sys.argv[1:])' \
+		--mode classroom --out docs/notebooks $(DOCS_NOTEBOOKS:%=notebooks/%.ipynb)
 
 bench: venv
 	$(BIN)/python benchmarks/quantizer.py

@@ -135,10 +135,13 @@ def browser(lab, tmp_path_factory):
             context.close()
 
 
-def _open_and_run_all(context, lab, name: str):
-    """Open notebooks/<name> in a fresh page, run all cells, wait until every code cell has run. -> page."""
+def _open_and_run_all(context, lab, name: str, viewport: dict | None = None):
+    """Open notebooks/<name> in a fresh page (of `viewport` size, default the context's), run all cells, wait
+    until every code cell has run. -> page."""
     base, token = lab
     page = context.new_page()
+    if viewport:
+        page.set_viewport_size(viewport)
     page.set_default_timeout(60_000)
     page.goto(f"{base}/lab/tree/{name}?reset&token={token}")
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
@@ -232,7 +235,7 @@ def test_quickstart_runs_in_the_browser(browser, lab):
         assert not _errors(page), _errors(page)
         page.wait_for_selector(".jupyter-widgets.widget-slider, .widget-slider", state="attached", timeout=30_000)
         page.wait_for_selector(".js-plotly-plot", state="attached", timeout=30_000)
-        assert page.locator(".jp-OutputArea-output", has_text="all checks passed").count() == 1
+        assert page.locator(".jp-OutputArea-output", has_text="mode: smoke").count() == 1
         token_grid = page.locator(".widget-html-content", has_text="Token grid").first
         _screenshot(page, token_grid, "browser_00_quickstart", "quickstart.png")
     finally:
@@ -244,7 +247,7 @@ def test_dashboard_steps_in_the_browser(browser, lab):
     page = _open_and_run_all(browser, lab, "01_train_step_by_step.ipynb")
     try:
         assert not _errors(page), _errors(page)
-        assert page.locator(".jp-OutputArea-output", has_text="all checks passed").count() == 1
+        assert page.locator(".jp-OutputArea-output", has_text="mode: smoke").count() == 1
         step_button = page.locator(".widget-button", has_text=re.compile(r"^\s*Step\s*$"))
         assert step_button.count() == 1
         status = page.locator(".widget-html-content", has_text="UI overhead").first
@@ -264,7 +267,7 @@ def test_dashboard_steps_in_the_browser(browser, lab):
         _poll(page, lambda: loss_path() != path_before, 30, "the loss plot to redraw after Step")
 
         # Run trains in a background thread: set the steps box, press Run, wait until it is idle again.
-        more = 12
+        more = 30
         dashboard = page.locator(".jp-OutputArea-output", has=status).first
         steps_box = dashboard.locator(".widget-text input").first
         steps_box.fill(str(more))
@@ -272,8 +275,94 @@ def test_dashboard_steps_in_the_browser(browser, lab):
         run_button = dashboard.locator(".widget-button", has_text=re.compile(r"^\s*Run\s*$"))
         _poll(page, lambda: run_button.is_enabled(), 60, "the Run button to be enabled")
         run_button.click()
+        # While it trains, Run is disabled and must look it: the shared style greys disabled buttons out.
+        _poll(page, lambda: run_button.is_disabled() or shown_step() == step_before + 1 + more, 60,
+              "Run to be disabled while training")
+        if run_button.is_disabled():
+            assert float(run_button.evaluate("e => getComputedStyle(e).opacity")) < 0.5
         _poll(page, lambda: shown_step() == step_before + 1 + more and "idle" in status.inner_text(), 300,
               f"Run to train {more} steps")
         _screenshot(page, status, "browser_01_train_step_by_step", "dashboard.png")
     finally:
         page.close()
+
+
+# A small notebook for the layout test: the two views the classroom found cramped, on the bundled checkpoint.
+LAYOUT_CELLS = [
+    "from unitok_widgets import TokenGrid, ZeroShotPanel, notebook_setup\n"
+    "from unitok import UniTok\n"
+    "from unitok.data import ShapesDataset\n"
+    "lab = notebook_setup(checkpoint=True)\n"
+    "model = UniTok.from_pretrained(lab.checkpoint).eval()\n"
+    "heldout = ShapesDataset(model.config.image_size, split='heldout', length=8)",
+    "panel = ZeroShotPanel(model, heldout, num_images=8)\npanel",
+    "grid = TokenGrid(model, heldout, num_images=8)\ngrid",
+]
+VIEWPORT = {"width": 1000, "height": 1100}
+
+
+def _inside(inner: dict, outer: dict, slack: float = 1.0) -> bool:
+    return (inner["x"] >= outer["x"] - slack and inner["x"] + inner["width"] <= outer["x"] + outer["width"] + slack)
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    """True when two bounding boxes share an area (touching edges do not count)."""
+    return (min(a["x"] + a["width"], b["x"] + b["width"]) - max(a["x"], b["x"]) > 1 and
+            min(a["y"] + a["height"], b["y"] + b["height"]) - max(a["y"], b["y"]) > 1)
+
+
+def test_zero_shot_panel_and_token_grid_fit_a_1000px_window(browser, lab):
+    """At a 1000 px wide window (about 850 px of output area): no column of the ZeroShotPanel or the TokenGrid
+    overlaps another or leaves the output area, the Apply button is on screen, and typing comma-separated class
+    names then pressing Apply gives one bar per class."""
+    import nbformat
+
+    path = NOTEBOOKS / "_layout_1000px.ipynb"
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in LAYOUT_CELLS]
+    nbformat.write(nb, path)
+    try:
+        page = _open_and_run_all(browser, lab, path.name, viewport=VIEWPORT)
+        try:
+            assert not _errors(page), _errors(page)
+            panel = page.locator(".unitok-zeroshot").first
+            panel.wait_for(state="visible", timeout=30_000)
+            area = page.locator(".jp-OutputArea-output", has=panel).first.bounding_box()
+            columns = [panel.locator(f".unitok-zeroshot-{name}").first for name in ("controls", "image", "bars")]
+            boxes = [c.bounding_box() for c in columns]
+            assert all(boxes), boxes
+            for i in range(3):
+                assert _inside(boxes[i], area), (i, boxes[i], area)
+                for j in range(i + 1, 3):
+                    assert not _overlap(boxes[i], boxes[j]), (i, j, boxes)
+            for box in panel.locator("textarea").all():
+                assert _inside(box.bounding_box(), boxes[0]), "a text box is cut off"
+            apply = panel.locator(".widget-button", has_text=re.compile(r"^\s*Apply\s*$")).first
+            apply.scroll_into_view_if_needed()
+            b = apply.bounding_box()
+            assert b and b["x"] >= 0 and b["x"] + b["width"] <= VIEWPORT["width"], b
+            assert b["y"] >= 0 and b["y"] + b["height"] <= VIEWPORT["height"], b
+            # one line, commas: three classes, three bars
+            classes = panel.locator("textarea").first
+            classes.fill("circle, star, heart")
+            apply.click()
+            _poll(page, lambda: "comma-separated" in panel.inner_text(), 60, "the panel to read three classes")
+            labels = panel.locator(".js-plotly-plot .yaxislayer-above .ytick text")
+            _poll(page, lambda: sorted(labels.all_inner_texts()) == ["circle", "heart", "star"], 30,
+                  "one bar per class")
+
+            grid = page.locator(".unitok-tokengrid").first
+            grid.scroll_into_view_if_needed()
+            area = page.locator(".jp-OutputArea-output", has=grid).first.bounding_box()
+            figure = grid.locator(".unitok-tokengrid-figure").first.bounding_box()
+            side = grid.locator(".unitok-tokengrid-side").first.bounding_box()
+            assert figure and side and not _overlap(figure, side), (figure, side)
+            assert _inside(figure, area) and _inside(side, area), (figure, side, area)
+            assert "Equal colour = the same code" in grid.inner_text()
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "browser_layout_1000px.png"), full_page=True)
+        finally:
+            page.close()
+    finally:
+        path.unlink(missing_ok=True)

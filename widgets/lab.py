@@ -111,3 +111,106 @@ def notebook_setup(checkpoint: bool = False, seed: int = 0, quiet: bool = False)
             text += f"  ·  checkpoint: {lab.checkpoint}"
         print(text)
     return lab
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pre-run copies: execute the real notebooks in one mode and keep their outputs, for reading without a kernel.
+# ----------------------------------------------------------------------------------------------------------------
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_NOTE = ("[an interactive widget was shown here: open this notebook in Jupyter and run it to use it; the "
+               "notebook draws a static picture of it further down]")
+
+
+def strip_widget_views(nb) -> int:
+    """Replace live-widget outputs (which need the kernel that made them) by a short note. -> how many."""
+    replaced = 0
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if WIDGET_VIEW in data:
+                output["data"] = {"text/plain": WIDGET_NOTE}
+                replaced += 1
+    return replaced
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 3) -> float:
+    """fp32 matmul speed of this machine now (GFLOP/s, best of `repeats`): the yardstick printed next to every
+    measured run time, because the same machine can be several times slower on a busy day."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def execute_to_docs(path, out_dir, mode: str = "classroom", timeout: int = 3600) -> dict:
+    """Run notebooks/<name>.ipynb in `mode` in a fresh kernel and write <out_dir>/<name>.ipynb with its outputs.
+
+    Returns {"notebook", "mode", "seconds", "matmul_gflops", "threads"}; the caller records it next to the copy.
+    """
+    import time
+
+    import nbclient
+    import nbformat
+
+    path, out_dir = Path(path), Path(out_dir)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    nb = nbformat.read(path, as_version=4)
+    saved = {key: os.environ.get(key) for key in ("UNITOK_SMOKE", "UNITOK_MODE")}
+    os.environ.pop("UNITOK_SMOKE", None)
+    os.environ["UNITOK_MODE"] = mode
+    if mode == "smoke":
+        os.environ["UNITOK_SMOKE"] = "1"
+    gflops = matmul_gflops()
+    start = time.perf_counter()
+    try:
+        nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                                resources={"metadata": {"path": str(path.parent)}}).execute()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    seconds = time.perf_counter() - start
+    strip_widget_views(nb)
+    nb.metadata.pop("widgets", None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, out_dir / path.name)
+    import torch
+
+    return {"notebook": path.stem, "mode": mode, "seconds": round(seconds, 1), "matmul_gflops": round(gflops, 1),
+            "threads": torch.get_num_threads()}
+
+
+def _main(argv=None) -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m unitok_widgets.lab",
+                                     description="Execute notebooks and keep their outputs (pre-run copies).")
+    parser.add_argument("notebooks", nargs="+", help="paths of .ipynb files, run one after another")
+    parser.add_argument("--mode", default="classroom", choices=MODES)
+    parser.add_argument("--out", default="docs/notebooks", help="folder for the executed copies")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    log = out / "runs.jsonl"
+    for name in args.notebooks:
+        print(f"running {name} in {args.mode} mode ...", flush=True)
+        record = execute_to_docs(name, out, args.mode)
+        print(f"  {record['seconds']:.0f} s (matmul {record['matmul_gflops']:.0f} GFLOP/s, "
+              f"{record['threads']} threads) -> {out / Path(name).name}", flush=True)
+        with open(log, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    _main()

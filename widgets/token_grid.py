@@ -169,7 +169,10 @@ class TokenGrid(View):
                           layout=W.Layout(flex_flow="row wrap", align_items="center"))
         for control in controls.children:
             control.layout.margin = "0 12px 4px 0"
+        self.figure.add_class("unitok-tokengrid-figure")          # names for the browser test
+        side.add_class("unitok-tokengrid-side")
         self.widget = self._root([header, controls, self.legend, body])
+        self.widget.add_class("unitok-tokengrid")
 
     def _on_click(self, trace, points, selector) -> None:
         if points.xs:

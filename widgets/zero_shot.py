@@ -211,7 +211,10 @@ class ZeroShotPanel(View):
         body = W.HBox([left, middle, self.figure],
                       layout=W.Layout(flex_flow="row wrap", align_items="flex-start", width="100%"))
         self.columns = (left, middle, self.figure)
+        for column, name in zip(self.columns, ("controls", "image", "bars")):   # names for the browser test
+            column.add_class(f"unitok-zeroshot-{name}")
         self.widget = self._root([header, body])
+        self.widget.add_class("unitok-zeroshot")
 
     def _warn_if_single(self, classnames: Sequence[str], note: str) -> None:
         if len(classnames) == 1:
