@@ -1,0 +1,123 @@
+"""Tests for unitok.runtime (device lookup, eval_mode and the model lock) and unitok.codes. CPU, seconds.
+
+Nothing here measures time: whether another thread can take the model's lock is asked with a non-blocking
+acquire, so the answers are exact.
+"""
+import copy
+import threading
+
+import unitok  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
+import pytest
+import torch
+import torch.nn as nn
+
+from unitok.codes import check_codes, count_codes
+from unitok.config import apply_overrides, get_preset
+from unitok.data import ShapesDataset
+from unitok.runtime import eval_mode, model_device, model_lock, pick_device
+from unitok.train import Trainer
+
+
+def _lock_free_elsewhere(model) -> bool:
+    """True when another thread could take the model's lock right now (it is released again at once)."""
+    result = []
+
+    def probe():
+        lock = model_lock(model)
+        got = lock.acquire(blocking=False)
+        if got:
+            lock.release()
+        result.append(got)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def test_eval_mode_sets_eval_and_no_grad_and_restores_the_flag_even_on_error():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).train()
+    with eval_mode(model):
+        assert not model.training and not model[1].training
+        assert not torch.is_grad_enabled()
+        assert not _lock_free_elsewhere(model)                 # held for the whole block
+    assert model.training and torch.is_grad_enabled() and _lock_free_elsewhere(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with eval_mode(model):
+            raise RuntimeError("boom")
+    assert model.training and _lock_free_elsewhere(model)
+    model.eval()
+    with eval_mode(model, no_grad=False):
+        assert torch.is_grad_enabled()
+    assert not model.training                                  # restored to what it was: eval
+
+
+def test_eval_mode_nests_and_passes_non_modules_through():
+    model = nn.Linear(2, 2).train()
+    with eval_mode(model):
+        with eval_mode(model):                                 # re-entrant: the same thread may nest
+            assert not model.training
+        assert not model.training                              # the inner block restored the outer state
+    assert model.training
+    fake = object()
+    with eval_mode(fake) as same:
+        assert same is fake and not torch.is_grad_enabled()
+
+
+def test_model_lock_is_per_model_and_models_stay_copyable():
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    assert model_lock(a) is model_lock(a) and model_lock(a) is not model_lock(b)
+    with eval_mode(a):
+        assert _lock_free_elsewhere(b)                         # another model is not blocked
+        clone = copy.deepcopy(a)                               # the lock is not an attribute of the model
+    assert isinstance(clone, nn.Linear)
+
+
+def test_trainer_step_holds_the_model_lock(tiny_overrides):
+    """A view's eval_mode from another thread cannot switch the model to eval mode in the middle of a step."""
+    preset = apply_overrides(get_preset("tiny"), tiny_overrides)
+    trainer = Trainer(preset.model, preset.train, ShapesDataset(32, "train", length=64), {}, out_dir=None)
+    seen = []
+    trainer.add_callback("step", lambda t, m: seen.append((_lock_free_elsewhere(t.model), t.model.training)))
+    trainer.step()
+    assert seen == [(False, True)]                             # locked, and still in train mode, during the step
+    assert _lock_free_elsewhere(trainer.model)                 # released afterwards
+
+
+def test_device_lookup():
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    with pytest.raises(ValueError, match="not a device name"):
+        pick_device("gpu-please")
+    assert model_device(nn.Linear(2, 2)) == torch.device("cpu")
+    assert model_device(nn.Identity()) == torch.device("cpu")  # no parameters: cpu
+    assert model_device(object()) == torch.device("cpu")
+
+
+def test_count_codes_matches_a_per_codebook_bincount():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 7, (3, 5, 4), generator=g)       # (..., k=4), K = 7
+    counts = count_codes(codes, 7)
+    expected = torch.stack([torch.bincount(codes[..., i].reshape(-1), minlength=7) for i in range(4)])
+    assert counts.dtype == torch.int64 and torch.equal(counts, expected)
+
+
+@pytest.mark.parametrize("codes, kwargs, pattern", [
+    (torch.zeros(3, 4), {}, "integer tensor"),
+    (torch.zeros(3, 4, dtype=torch.bool), {}, "integer tensor"),
+    ([[0, 1]], {}, "integer tensor"),
+    (torch.zeros(3, 4, dtype=torch.long), {"num_codebooks": 8}, r"shape \(\.\.\., 8\)"),
+    (torch.zeros(0, 4, dtype=torch.long), {}, "empty"),
+    (torch.tensor([[0, 10]]), {}, r"\[0, 10\).*\[0, 10\]"),
+    (torch.tensor([[-1, 0]]), {}, r"got values in \[-1, 0\]"),
+])
+def test_check_codes_says_what_was_expected(codes, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        check_codes(codes, 10, **kwargs)
+
+
+def test_check_codes_accepts_valid_and_skips_range_when_asked():
+    check_codes(torch.tensor([[0, 9]]), 10, num_codebooks=2)
+    check_codes(torch.tensor([[0, 99]]), 10, check_range=False)          # no device read
+    check_codes(torch.zeros(0, 2, dtype=torch.long), 10, allow_empty=True)
+    check_codes(torch.empty(5, 2, dtype=torch.long, device="meta"), 10)  # meta tensors have no values
