@@ -25,7 +25,7 @@ NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 OURS = ["00_quickstart", "01_train_step_by_step", "02_codebook_utilization", "03_reconstructions",
         "04_token_embeddings", "05_zero_shot_understanding", "06_bring_your_own_data",
-        "11_straight_through_estimator", "12_attention_projection"]
+        "08_released_checkpoint", "11_straight_through_estimator", "12_attention_projection"]
 
 # Run after the notebook, in its kernel (smoke mode). Each ends by printing "checks passed".
 CHECKS = {
@@ -114,6 +114,20 @@ if fashion is not None:
     assert fashion.step_count == FASHION_STEPS
     assert 0.0 <= fashion_results["zero_shot_top1"] <= 1.0 and np.isfinite(fashion_results["psnr"])
     assert fashion_recon.shape == (10, 3, 32, 32)
+""",
+    "08_released_checkpoint": """
+assert path is None and "random" in source                       # smoke mode never loads the 2.4 GB file
+assert cfg.encoder == "vitamin_large" and cfg.decoder == "vitamin" and cfg.projection == "attn_reference"
+assert images.shape == (N_IMAGES, 3, 256, 256) and float(images.min()) >= -1 and float(images.max()) <= 1
+assert codes.shape == (N_IMAGES, 16, 16, 8) and int(codes.max()) < 4096
+assert torch.equal(reference_codes[:, 3, 17], codes[:, 1, 1, 3])  # (B, k, L), L row-major over the grid
+assert torch.equal(unitok.codes_from_reference(reference_codes), codes)
+assert recon.shape == images.shape and float(recon.abs().max()) <= 1
+assert scores.shape == (N_IMAGES,) and torch.isfinite(scores).all()
+assert usage.window_tokens == N_IMAGES * 256 and len(usage.stats["codebook_usage"]) == 8
+assert token_grid.codes.shape == (16, 16, 8)
+assert zero_shot.probabilities.shape == (N_IMAGES, len(CLASSES))
+assert 0.0 < changed <= 1.0                                      # causal attention changes some codes
 """,
     "11_straight_through_estimator": """
 assert g_hard is None, "lookup() must not pass a gradient to z"

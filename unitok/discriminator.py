@@ -369,6 +369,12 @@ class AdversarialLoss:
         loss = hinge + self.cfg.disc_cr_weight * cr
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            for p in self.disc.trainable_parameters():  # one discriminator for all ranks: average its gradients
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
         self.optimizer.step()
         values = torch.stack([loss.detach(), real_logits.detach().mean(), fake_logits.detach().mean(),
                               cr.detach()]).tolist()
