@@ -1,0 +1,306 @@
+"""The token generator: causality, cached == recomputed sampling, guidance, the depth head's distribution, training,
+exact resume, input checks, and the `generate` command (CPU, seconds)."""
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unitok.generator import GeneratorConfig, TokenGenerator, tokenizer_hash
+from unitok.generator_train import GeneratorTrainer, apply_generator_overrides, extract_codes, pair_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(width=32, depth=2, num_heads=2, depth_width=32, depth_layers=1, depth_heads=2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from unitok.model import UniTok
+
+    return UniTok.from_pretrained(ROOT / "data" / "tiny-shapes").eval()
+
+
+def _randomise_head(gen: TokenGenerator) -> TokenGenerator:
+    # the classifier starts at zero (uniform predictions); random weights make every test below non-trivial
+    torch.manual_seed(1)
+    for p in gen.classifier.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return gen.eval()
+
+
+def _class_gen(head="depth", grid=3, k=3, K=3, **extra) -> TokenGenerator:
+    cfg = GeneratorConfig(grid_size=grid, num_codebooks=k, codebook_size=K, condition="class", num_classes=4,
+                          head=head, **{**SMALL, **extra})
+    torch.manual_seed(0)
+    return _randomise_head(TokenGenerator(cfg))
+
+
+@pytest.fixture(scope="module")
+def text_gen(tokenizer):
+    torch.manual_seed(0)
+    cfg = GeneratorConfig.preset("tiny", tokenizer=tokenizer, **SMALL)
+    return _randomise_head(TokenGenerator(cfg, tokenizer))
+
+
+# ------------------------------------------------------------------------------------------------ the model
+@pytest.mark.parametrize("head", ["depth", "parallel"])
+def test_changing_position_t_never_changes_earlier_logits(head):
+    gen = _class_gen(head, grid=4, k=3, K=5)
+    torch.manual_seed(2)
+    codes = torch.randint(0, 5, (2, 4, 4, 3))
+    labels = torch.tensor([0, 3])
+    base = gen(codes, labels).logits                         # (B, N, k, K)
+    t = 6
+    changed = codes.clone().view(2, 16, 3)
+    changed[:, t] = (changed[:, t] + 1) % 5
+    after = gen(changed.view(2, 4, 4, 3), labels).logits
+    assert torch.equal(base[:, :t + 1, 0], after[:, :t + 1, 0]) or torch.allclose(base[:, :t + 1, 0],
+                                                                                     after[:, :t + 1, 0], atol=1e-6)
+    assert torch.allclose(base[:, :t], after[:, :t], atol=1e-6)      # every earlier position, every sub-code
+    assert not torch.allclose(base[:, t + 1:], after[:, t + 1:])     # later positions do see it
+    if head == "depth":
+        # within position t, sub-code i's logits depend only on sub-codes < i
+        only_last = codes.clone().view(2, 16, 3)
+        only_last[:, t, 2] = (only_last[:, t, 2] + 1) % 5
+        inner = gen(only_last.view(2, 4, 4, 3), labels).logits
+        assert torch.allclose(base[:, t], inner[:, t], atol=1e-6)
+        only_first = codes.clone().view(2, 16, 3)
+        only_first[:, t, 0] = (only_first[:, t, 0] + 1) % 5
+        inner = gen(only_first.view(2, 4, 4, 3), labels).logits
+        assert torch.allclose(base[:, t, 0], inner[:, t, 0], atol=1e-6)
+        assert not torch.allclose(base[:, t, 1:], inner[:, t, 1:])
+
+
+@pytest.mark.parametrize("head", ["depth", "parallel"])
+def test_probabilities_over_all_k_tuples_of_a_position_sum_to_one(head):
+    gen = _class_gen(head, grid=3, k=3, K=3)
+    torch.manual_seed(3)
+    context = torch.randint(0, 3, (1, 9, 3))
+    t = 4
+    tuples = torch.tensor(list(itertools.product(range(3), repeat=3)))        # all 27 k-tuples
+    codes = context.repeat(len(tuples), 1, 1)
+    codes[:, t] = tuples
+    logp = gen(codes.view(-1, 3, 3, 3), torch.full((len(tuples),), 2)).logits.log_softmax(-1)  # (27, N, k, K)
+    joint = logp[:, t].gather(-1, tuples[:, :, None])[..., 0].sum(-1)                 # log p(c1, c2, c3)
+    assert joint.exp().sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert joint.exp().max() < 0.9     # a real distribution, not a point mass
+
+
+def test_classifier_starts_at_zero_so_the_first_loss_is_ln_K(tokenizer):
+    gen = TokenGenerator(GeneratorConfig.preset("tiny", tokenizer=tokenizer, **SMALL), tokenizer)
+    codes = tokenizer.encode(torch.zeros(2, 3, 32, 32))
+    assert gen(codes, prompts=["a red star", "a blue circle"]).loss.item() == pytest.approx(np.log(256), abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+@pytest.mark.parametrize("head", ["depth", "parallel"])
+def test_kv_cache_sampling_equals_full_recompute(head, tokenizer):
+    torch.manual_seed(0)
+    gen = _randomise_head(TokenGenerator(GeneratorConfig.preset("tiny", tokenizer=tokenizer, head=head, **SMALL),
+                                         tokenizer))
+    kw = dict(prompts=["a red star", "a green circle"], num=2, temperature=0.9, top_k=40, top_p=0.95,
+              cfg_scale=2.5, seed=5)
+    cached = gen.generate(**kw)
+    recomputed = gen.generate(**kw, use_cache=False)
+    assert cached.shape == (4, 8, 8, 8)
+    assert torch.equal(cached, recomputed)
+    steps_c = list(gen.sample_steps(gen.text_states(["a red star"]), temperature=0.8, seed=1))
+    steps_r = list(gen.sample_steps(gen.text_states(["a red star"]), temperature=0.8, seed=1, use_cache=False))
+    for a, b in zip(steps_c, steps_r):
+        assert torch.equal(a.codes, b.codes)
+        assert torch.allclose(a.probs, b.probs, atol=1e-5) and torch.allclose(a.entropy, b.entropy, atol=1e-4)
+
+
+def test_sampling_is_deterministic_for_a_seed_and_varies_across_seeds(text_gen):
+    a = text_gen.generate(prompts="a blue square", num=3, seed=11)
+    b = text_gen.generate(prompts="a blue square", num=3, seed=11)
+    c = text_gen.generate(prompts="a blue square", num=3, seed=12)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len({x.numpy().tobytes() for x in a}) == 3          # distinct samples within a batch
+
+
+def test_cfg_scale_one_is_the_conditional_model_and_zero_the_unconditional(text_gen):
+    c, u = torch.randn(4, 256), torch.randn(4, 256)
+    assert torch.equal(TokenGenerator.guided_logits(c, u, 1.0), c)
+    assert torch.allclose(TokenGenerator.guided_logits(c, u, 3.0), u + 3 * (c - u))
+    # scale 1 mixes in nothing: the conditional model's samples
+    conditional = text_gen.generate(prompts="a red star", num=3, seed=4, cfg_scale=1.0)
+    states = text_gen.text_states(["a red star"]).repeat(3, 1, 1)
+    codes = torch.zeros(3, 8, 8, 8, dtype=torch.long)
+    for _ in text_gen.sample_steps(states, seed=4, codes=codes):
+        pass
+    assert torch.equal(conditional, codes)
+    # scale 0 keeps only the unconditional branch: the same draws as an unconditional model
+    guided_zero = text_gen.generate(prompts="a red star", num=3, seed=4, cfg_scale=0.0)
+    unconditional = text_gen.generate(num=3, seed=4)
+    assert torch.equal(guided_zero, unconditional)
+
+
+def test_complete_keeps_the_first_positions_and_resample_changes_one(text_gen):
+    codes = text_gen.generate(prompts="a red star", num=2, seed=0)
+    done = text_gen.complete(codes, first_n=20, prompts="a red star", seed=9, temperature=1.5)
+    flat_a, flat_b = codes.view(2, 64, 8), done.view(2, 64, 8)
+    assert torch.equal(flat_a[:, :20], flat_b[:, :20]) and not torch.equal(flat_a[:, 20:], flat_b[:, 20:])
+    other = text_gen.resample_position(codes, 3, 5, prompts="a red star", seed=3, temperature=2.0)
+    diff = (other != codes).any(-1)                                   # (B, H, W)
+    assert diff.sum() >= 1 and diff[:, 3, 5].all() and diff.sum() == diff[:, 3, 5].sum()
+    maps = text_gen.position_maps(codes, prompts="a red star")
+    assert maps["entropy"].shape == (2, 8, 8) and (maps["entropy"] >= 0).all() and (maps["nll"] > 0).all()
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_inputs_raise_value_errors_naming_what_was_expected(text_gen):
+    g = text_gen
+    good = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"\[0, 256\)"):
+        g.check_codes(good + 256)
+    with pytest.raises(ValueError, match=r"\[0, 256\)"):
+        g.check_codes(good - 1)
+    with pytest.raises(ValueError, match="8 sub-codes"):
+        g.check_codes(torch.zeros(1, 8, 8, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(B, 8, 8, 8\)"):
+        g.check_codes(torch.zeros(1, 4, 4, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer codes"):
+        g.check_codes(good.float())
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        g.generate(prompts="  ")
+    with pytest.raises(ValueError, match="at least one prompt"):
+        g.generate(prompts=[])
+    with pytest.raises(ValueError, match="expected prompts"):
+        g.generate(labels=[1])
+    with pytest.raises(ValueError, match="temperature"):
+        g.generate(prompts="a red star", temperature=0)
+    with pytest.raises(ValueError, match="top_p"):
+        g.generate(prompts="a red star", top_p=0)
+    with pytest.raises(ValueError, match="grid"):
+        g.resample_position(good, 8, 0, prompts="a red star")
+    with pytest.raises(ValueError, match="8 sub-codes"):
+        g.complete(torch.zeros(1, 8, 8, 3, dtype=torch.long), 4, prompts="a red star")
+    cls = _class_gen()
+    with pytest.raises(ValueError, match=r"unknown class 7: expected a label in \[0, 4\)"):
+        cls.generate(labels=[7])
+    with pytest.raises(ValueError, match=r"unknown class -1"):
+        cls.generate(labels=[-1])
+    with pytest.raises(ValueError, match="names no class"):
+        cls.generate(prompts="a red star")
+    with pytest.raises(ValueError, match="head must be one of"):
+        GeneratorConfig(head="wide")
+    with pytest.raises(ValueError, match="unknown setting 'widht'"):
+        apply_generator_overrides(GeneratorConfig(), __import__("unitok.generator_train").generator_train
+                                  .GeneratorTrainConfig(), ["widht=3"])
+
+
+def test_class_generator_maps_prompts_naming_a_class():
+    cfg = GeneratorConfig(grid_size=2, num_codebooks=2, codebook_size=4, condition="class", num_classes=2,
+                          class_names=["red star", "blue circle"], **SMALL)
+    gen = TokenGenerator(cfg)
+    assert gen.labels_from_prompts(["a blue circle", "A red star."]).tolist() == [1, 0]
+
+
+# ------------------------------------------------------------------------------------------------ training
+@pytest.fixture(scope="module")
+def code_cache(tmp_path_factory, tokenizer):
+    return tmp_path_factory.mktemp("codes")
+
+
+def _trainer(tokenizer, cache, out_dir=None, resume=False, steps=40, **extra):
+    digest = tokenizer_hash(tokenizer)
+    codes = extract_codes(tokenizer, "shapes", "train", 384, 0, cache_dir=cache, progress=False, digest=digest)
+    test = extract_codes(tokenizer, "shapes", "test", 64, 0, cache_dir=cache, progress=False, digest=digest)
+    gen = GeneratorConfig.preset("tiny", tokenizer=tokenizer, **{**SMALL, **extra})
+    gen, train = apply_generator_overrides(gen, __import__("unitok.generator_train").generator_train
+                                           .GeneratorTrainConfig(), [f"steps={steps}", "batch_size=16",
+                                                                    "eval_every=0", "checkpoint_every=0",
+                                                                    "lr=3e-3", "warmup_fraction=0.1"])
+    return GeneratorTrainer(gen, train, tokenizer, codes, {"test": test}, out_dir=out_dir, resume=resume,
+                            tokenizer_path=ROOT / "data" / "tiny-shapes")
+
+
+def test_code_cache_is_reused_and_keyed_by_the_tokenizer_hash(tokenizer, code_cache):
+    digest = tokenizer_hash(tokenizer)
+    a = extract_codes(tokenizer, "shapes", "test", 64, 0, cache_dir=code_cache, progress=False, digest=digest)
+    b = extract_codes(tokenizer, "shapes", "test", 64, 0, cache_dir=code_cache, progress=False, digest=digest)
+    assert a.info["cache"] == b.info["cache"] and digest[:16] in a.info["cache"]
+    assert torch.equal(a.codes, b.codes) and a.codes.shape == (64, 8, 8, 8)
+    fresh = tokenizer.encode(torch.stack([__import__("unitok.data").data.ShapesDataset(32, "test", length=64,
+                                                                                        max_objects=1)[i]["image"]
+                                          for i in range(4)]))
+    assert torch.equal(a.codes[:4].long(), fresh)
+    other = "0" * 64   # another tokenizer's weights: another file, never the stale one
+    c = extract_codes(tokenizer, "shapes", "test", 8, 0, cache_dir=code_cache, progress=False, digest=other)
+    assert c.info["cache"] != a.info["cache"]
+
+
+def test_short_training_lowers_held_out_nll(tokenizer, code_cache):
+    trainer = _trainer(tokenizer, code_cache, steps=40)
+    before = trainer.evaluate()["bits_per_subcode_test"]
+    assert before == pytest.approx(8.0, abs=1e-3)        # zero-initialised classifier: uniform over 256 codes
+    trainer.run(progress=False)
+    after = trainer.evaluate()["bits_per_subcode_test"]
+    assert after < before - 0.1, (before, after)
+    assert len(trainer.history) == 40 and all(np.isfinite(h["loss"]) for h in trainer.history)
+
+
+def test_resume_is_exact(tokenizer, code_cache, tmp_path):
+    full = _trainer(tokenizer, code_cache, out_dir=tmp_path / "a", steps=6)
+    full.run(3, progress=False)
+    full.save_checkpoint()
+    shutil.copytree(tmp_path / "a", tmp_path / "b", ignore=shutil.ignore_patterns(".lock"))
+    full.run(3, progress=False)
+    full.close()
+    resumed = _trainer(tokenizer, code_cache, out_dir=tmp_path / "b", resume=True, steps=6)
+    assert resumed.step_count == 3
+    resumed.run(progress=False)
+    resumed.close()
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    for (name, a), (_, b) in zip(full.generator.state_dict().items(), resumed.generator.state_dict().items()):
+        assert torch.equal(a, b), name
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_run_folder_is_not_overwritten(tokenizer, code_cache, tmp_path):
+    t = _trainer(tokenizer, code_cache, out_dir=tmp_path / "run", steps=2)
+    t.run(progress=False)
+    t.save_checkpoint()
+    t.close()
+    with pytest.raises(ValueError, match="resume|overwrite"):
+        _trainer(tokenizer, code_cache, out_dir=tmp_path / "run", steps=2)
+
+
+def test_saved_generator_loads_with_its_tokenizer_and_samples_the_same(text_gen, tmp_path):
+    text_gen.save_pretrained(tmp_path / "g", tokenizer_path=ROOT / "data" / "tiny-shapes")
+    loaded = TokenGenerator.from_pretrained(tmp_path / "g")
+    a = text_gen.generate(prompts="a cyan heart", num=2, seed=1)
+    assert torch.equal(a, loaded.generate(prompts="a cyan heart", num=2, seed=1))
+    assert loaded.decode(a).shape == (2, 3, 32, 32)
+
+
+def test_pair_prompts_split_seen_and_held_out():
+    seen, held = pair_prompts(False), pair_prompts(True)
+    assert len(seen) == 53 and len(held) == 11
+    assert ("a red star", 0, 4) in held and all(p not in [s for s, _, _ in seen] for p, _, _ in held)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+@pytest.mark.skipif(not (ROOT / "data" / "tiny-generator" / "model.safetensors").exists(),
+                    reason="the bundled generator is recreated by `make generator`")
+def test_generate_cli_with_the_bundled_generator(run_cli, tmp_path):
+    run_cli("generate", "--prompt", "a green circle", "--num", "3", "--seed", "0", "--out", tmp_path / "x.npz")
+    with np.load(tmp_path / "x.npz") as f:
+        assert f["images"].shape == (3, 32, 32, 3) and f["images"].dtype == np.uint8
+        assert f["codes"].shape == (3, 8, 8, 8) and f["codes"].dtype == np.int64
+    run_cli("generate", "--prompt", "a green circle", "--num", "3", "--seed", "0", "--out", tmp_path / "y.npz")
+    with np.load(tmp_path / "x.npz") as a, np.load(tmp_path / "y.npz") as b:
+        assert np.array_equal(a["codes"], b["codes"])
+    run_cli("generate", "--prompt", "a green circle", "--num", "2", "--out", tmp_path / "g.png")
+    assert (tmp_path / "g.png").stat().st_size > 100
+    bad = run_cli("generate", "--prompt", "", "--out", tmp_path / "z.npz", check=False)
+    assert bad.returncode == 2 and "non-empty" in bad.stderr
+    bad = run_cli("generate", "--class", "3", "--out", tmp_path / "z.npz", check=False)
+    assert bad.returncode == 2 and "--class" in bad.stderr

@@ -1,0 +1,203 @@
+"""Command line for the generator: `unitok train-generator` and `unitok generate`.
+
+    unitok train-generator --tokenizer data/tiny-shapes --data shapes --out runs/gen [--steps N] [--set key=value]
+    unitok train-generator --tokenizer data/tiny-shapes --out runs/gen --resume     # continue a killed run
+    unitok generate --prompt "a red star" --num 16 --seed 0 --out stars.png         # the bundled generator
+    unitok generate --generator runs/gen/best --class 3 --num 8 --out x.npz         # images (N,H,W,3), codes
+
+`train-generator` writes the run folder: config.json, metrics.jsonl, eval.jsonl, checkpoint.pt, best/ (lowest
+held-out NLL), final/, samples.png and summary.json (held-out NLL, prompt accuracy, diversity, proxy FID, code use).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BUNDLED_GENERATOR = Path(__file__).resolve().parent.parent / "data" / "tiny-generator"
+BUNDLED_TOKENIZER = Path(__file__).resolve().parent.parent / "data" / "tiny-shapes"
+# sampling settings used when a generator folder does not recommend its own
+DEFAULT_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_scale": 3.0}
+
+
+def add_generator_commands(sub) -> None:
+    """Register `train-generator` and `generate` on the `unitok` subcommand parser."""
+    t = sub.add_parser("train-generator", help="train an autoregressive generator on a frozen tokenizer's codes")
+    t.add_argument("--tokenizer", default=str(BUNDLED_TOKENIZER),
+                   help="tokenizer model folder (default: the bundled data/tiny-shapes)")
+    t.add_argument("--data", default="shapes", help="dataset whose images are tokenized (default: shapes)")
+    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--preset", default="tiny", choices=["tiny", "base"], help="generator size (default: tiny)")
+    t.add_argument("--steps", type=int, help="total training steps (default: the preset's)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a generator or training field, e.g. --set head=parallel --set lr=5e-4")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start again in a folder that holds a run (the old run is moved aside, not deleted)")
+    t.add_argument("--samples-per-prompt", type=int, default=8,
+                   help="samples per 'a {colour} {shape}' prompt for the final prompt accuracy (0: skip)")
+    t.add_argument("--no-fid", action="store_true", help="skip the proxy FID of the samples")
+    t.set_defaults(fn=_train_generator)
+    g = sub.add_parser("generate", help="sample images from a trained generator")
+    g.add_argument("--generator", default=str(BUNDLED_GENERATOR),
+                   help="generator folder (default: the bundled data/tiny-generator)")
+    g.add_argument("--prompt", help='text prompt, e.g. "a red star"')
+    g.add_argument("--class", dest="label", type=int, help="class index (class-conditional generators)")
+    g.add_argument("--num", type=int, default=16, help="number of images")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--cfg-scale", type=float, help="classifier-free guidance (1 = off)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npz (images uint8, codes int64)")
+    g.set_defaults(fn=_generate)
+
+
+def _train_generator(args) -> int:
+    from .generator import GeneratorConfig
+    from .generator_train import (GeneratorTrainConfig, GeneratorTrainer, apply_generator_overrides,
+                                  evaluate_samples, extract_codes, load_shape_classifier)
+    from .generator import tokenizer_hash
+    from .model import UniTok
+    from .runs import holds_run
+
+    out = Path(args.out)
+    overrides = list(args.set or [])
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    if args.data != "shapes":
+        raise ValueError(f"--data {args.data!r}: the generator's prompts and metrics are defined for 'shapes'")
+    tokenizer = UniTok.from_pretrained(args.tokenizer)
+    resuming = args.resume and holds_run(out)
+    if resuming:
+        saved = json.loads((out / "config.json").read_text())
+        gen, train = apply_generator_overrides(GeneratorConfig(**saved["generator"]),
+                                               GeneratorTrainConfig(**saved["train"]), overrides)
+        digest = tokenizer_hash(tokenizer)
+        if saved.get("data", {}).get("tokenizer_sha256") not in (None, digest):
+            raise ValueError(f"--tokenizer {args.tokenizer} is not the tokenizer the run in {out} was trained on "
+                             f"(weight hash differs); resume with the same tokenizer or start a new run")
+        codes = extract_codes(tokenizer, "shapes", "train", train.train_images, train.seed, digest=digest)
+        evals = {s: extract_codes(tokenizer, "shapes", s, train.eval_images, train.seed, digest=digest)
+                 for s in ("test", "heldout")}
+        trainer = GeneratorTrainer(gen, train, tokenizer, codes, evals, out_dir=out, resume=True,
+                                   tokenizer_path=args.tokenizer, data_spec=saved.get("data"))
+    else:
+        if args.resume:
+            print(f"note: {out} has no run to resume; starting a new one", file=sys.stderr)
+        trainer = GeneratorTrainer.from_tokenizer(tokenizer, args.tokenizer, "shapes", args.preset, overrides,
+                                                  out_dir=out, overwrite=args.overwrite)
+    if trainer.step_count >= trainer.config.steps and resuming:
+        print(f"{out} has already trained {trainer.step_count} steps; nothing to do")
+        trainer.close()
+        return 0
+    print(f"training a {trainer.gen_config.head}-head generator ({trainer.generator.num_parameters() / 1e6:.2f} M "
+          f"params, condition {trainer.gen_config.condition}) on {len(trainer.train_codes)} tokenized images for "
+          f"{trainer.config.steps} steps on {trainer.device} (starting at step {trainer.step_count}) -> {out}")
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        trainer.save_checkpoint()
+        trainer.close()
+        raise SystemExit(f"interrupted at step {trainer.step_count}; checkpoint saved in {out}. Continue with: "
+                         f"unitok train-generator --tokenizer {args.tokenizer} --out {out} --resume")
+    trainer.save_checkpoint()
+    if not trainer.eval_history or trainer.eval_history[-1]["step"] != trainer.step_count:
+        trainer.evaluate()
+    extra = {}
+    if args.samples_per_prompt > 0:
+        classifier = load_shape_classifier(tokenizer.config.image_size)
+        sampling = dict(DEFAULT_SAMPLING)
+        extra = evaluate_samples(trainer.generator, num=args.samples_per_prompt, classifier=classifier,
+                                 fid=not args.no_fid, **sampling)
+        extra["classifier_accuracy"] = classifier.accuracy
+        _write_samples_png(trainer.generator, out / "samples.png", sampling)
+    summary = trainer.write_summary(extra)
+    trainer.close()
+    for k in ("steps", "train_seconds", "bits_per_subcode_test", "bits_per_image_test", "bits_per_subcode_heldout",
+              "prompt_colour_acc", "prompt_shape_acc", "prompt_colour_acc_heldout", "prompt_shape_acc_heldout",
+              "distinct_fraction", "diversity", "diversity_real", "fid_proxy", "code_usage", "code_usage_real"):
+        if k in summary:
+            v = summary[k]
+            print(f"  {k}: {round(v, 4) if isinstance(v, float) else v}")
+    return 0
+
+
+def _write_samples_png(generator, path: Path, sampling: dict) -> None:
+    from PIL import Image
+
+    from .data import make_grid_image
+    from .runs import atomic_write
+
+    prompts = ["a red circle", "a green square", "a blue star", "a yellow heart", "a purple triangle",
+               "a white cross", "a cyan diamond", "a orange crescent"]
+    codes = generator.generate(prompts=prompts, num=8, seed=0, **sampling)
+    grid = make_grid_image(generator.decode(codes).cpu(), nrow=8)
+    atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+
+
+def load_generator(directory, device: str = "cpu"):
+    """A generator folder (or a run folder: its best/, else final/) -> TokenGenerator with its tokenizer."""
+    from .generator import TokenGenerator
+
+    directory = Path(directory)
+    for candidate in (directory, directory / "best", directory / "final"):
+        if (candidate / "model.safetensors").is_file():
+            return TokenGenerator.from_pretrained(candidate, map_location=device), candidate
+    raise FileNotFoundError(f"{directory} holds no generator (model.safetensors); expected a folder written by "
+                            f"`unitok train-generator` (or its best/ or final/ sub-folder)")
+
+
+def recommended_sampling(directory: Path) -> dict:
+    meta = json.loads((Path(directory) / "config.json").read_text())
+    return {**DEFAULT_SAMPLING, **meta.get("sampling", {})}
+
+
+def _generate(args) -> int:
+    from PIL import Image
+
+    from .data import make_grid_image, to_uint8_image
+    from .runs import atomic_write
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".npz"):
+        raise ValueError(f"--out must end in .png (a grid) or .npz (arrays), got {out.name!r}")
+    if args.prompt is None and args.label is None:
+        raise ValueError("expected --prompt TEXT or --class N")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("expected a non-empty --prompt, got an empty string")
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    generator, folder = load_generator(args.generator, args.device)
+    sampling = recommended_sampling(folder)
+    for key, value in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p),
+                       ("cfg_scale", args.cfg_scale)):
+        if value is not None:
+            sampling[key] = value
+    if args.label is not None and generator.config.condition != "class":
+        raise ValueError(f"--class needs a class-conditional generator; {folder} is conditioned on "
+                         f"{generator.config.condition} (use --prompt)")
+    kwargs = {"labels": [args.label]} if args.label is not None else {"prompts": [args.prompt]}
+    with torch.no_grad():
+        codes = generator.generate(**kwargs, num=args.num, seed=args.seed, **sampling)
+        images = generator.decode(codes).cpu()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".png":
+        grid = make_grid_image(images, nrow=min(8, args.num))
+        atomic_write(out, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+    else:
+        arrays = {"images": to_uint8_image(images), "codes": codes.cpu().long().numpy().astype(np.int64)}
+
+        def write_npz(tmp):
+            with open(tmp, "wb") as f:   # a file object: np.savez would append ".npz" to a temporary name
+                np.savez(f, **arrays)
+
+        atomic_write(out, write_npz)
+    what = f"prompt {args.prompt!r}" if args.prompt is not None else f"class {args.label}"
+    print(f"wrote {args.num} samples for {what} ({', '.join(f'{k}={v}' for k, v in sampling.items())}, "
+          f"seed {args.seed}) -> {out}")
+    return 0
