@@ -1,0 +1,218 @@
+"""Command line of the unified model: `unitok train-mllm`, `unitok caption`, `unitok ask`, `unitok generate --mllm`.
+
+    unitok train-mllm --tokenizer data/tiny-shapes --data shapes --out runs/mllm [--steps N] [--set key=value]
+    unitok caption picture.png other.jpg                  # {"image": PATH, "caption": "..."} per line
+    unitok ask picture.png --question "what colour is the shape?"       # {"image": ..., "question": ..., "answer": ...}
+    unitok generate --mllm --prompt "a red star" --out star.png
+
+Without --mllm, `caption` and `ask` use the bundled unified model (data/tiny-mllm); `generate --mllm` with no
+folder does too. Pictures of any size or mode are converted to RGB and resized to the tokenizer's size (with a
+one-line notice on stderr).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+BUNDLED = Path(__file__).resolve().parent.parent / "data" / "tiny-mllm"
+COMMAND = "unitok train-mllm"
+
+
+def bundled_mllm_path() -> Path:
+    return BUNDLED
+
+
+def load_mllm(path=None, device: str = "cpu"):
+    """A UnifiedModel from a model folder, a run folder (its best/ or final/ weights) or the bundled one."""
+    from .mllm import UnifiedModel
+
+    folder = Path(path) if path else BUNDLED
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} does not exist; expected a unified-model folder (config.json, "
+                                f"text_tokenizer.json, model.safetensors) or a `unitok train-mllm` run folder")
+    for sub in ("", "best", "final"):
+        if (folder / sub / "model.safetensors").is_file() and (folder / sub / "text_tokenizer.json").is_file():
+            return UnifiedModel.from_pretrained(folder / sub, map_location=device)
+    raise ValueError(f"{folder} holds no unified model (expected model.safetensors and text_tokenizer.json in it, "
+                     f"or in its best/ or final/ folder)")
+
+
+def read_pictures(paths, image_size: int):
+    """Picture files -> (B, 3, S, S) in [-1, 1]; a one-line notice for each converted or resized picture."""
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from .data import pil_to_tensor
+
+    out = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; expected a picture file (PNG, JPEG, ...)")
+        try:
+            with Image.open(path) as image:
+                image.load()
+                size, mode = image.size, image.mode
+                tensor = pil_to_tensor(image, image_size)
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{path} is not a picture PIL can read ({type(e).__name__}); expected PNG, JPEG, "
+                             f"...") from None
+        if size != (image_size, image_size) or mode != "RGB":
+            print(f"note: {path}: {size[0]}x{size[1]} {mode} converted to {image_size}x{image_size} RGB",
+                  file=sys.stderr)
+        out.append(tensor)
+    return torch.stack(out)
+
+
+def _train_mllm(args) -> int:
+    from .cli import read_json
+    from .mllm_train import MLLMTrainer, REFERENCE_GFLOPS, evaluate_t2i
+    from .model import UniTok
+    from .mllm import TextTokenizer
+    from .runs import holds_run
+
+    if args.data != "shapes":
+        raise ValueError(f"--data {args.data}: the unified model's tasks are built from the shapes labels; "
+                         f"expected --data shapes")
+    out = Path(args.out)
+    overrides = list(args.set or [])
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    tok_path = Path(args.tokenizer)
+    text = None
+    if args.resume and holds_run(out):
+        saved = read_json(out / "config.json", "the run's config")
+        if Path(saved.get("tokenizer") or tok_path).resolve() != tok_path.resolve():
+            raise ValueError(f"--resume: the run in {out} was trained on the tokenizer {saved.get('tokenizer')}, "
+                             f"not {tok_path}")
+        saved_train = dict(saved["train"])
+        keep = {"steps", "eval_every", "checkpoint_every", "log_every", "device", "eval_images", "t2i_samples",
+                "cfg_scale"}
+        requested = dict(o.split("=", 1) for o in overrides)
+        for key in requested:
+            if key.split(".")[-1] not in keep:
+                raise ValueError(f"--resume cannot change {key!r} (it changes what is trained); drop it, or start "
+                                 f"a new run with another --out")
+        base = [f"model.{k}={v}" for k, v in saved["mllm"].items()
+                if k not in ("grid_size", "num_codebooks", "codebook_size", "latent_dim", "tokenizer_width",
+                             "vocab_size", "projection")]
+        base += [f"train.{k}={v}" for k, v in saved_train.items() if k != "betas"]
+        overrides = base + overrides
+        text = TextTokenizer.from_json(read_json(out / "text_tokenizer.json", "the run's text tokenizer"))
+    elif args.resume:
+        print(f"note: {out} has no run to resume; starting a new one", file=sys.stderr)
+    tokenizer = UniTok.from_pretrained(tok_path)
+    trainer = MLLMTrainer.from_tokenizer(tokenizer, tok_path, preset=args.preset, overrides=overrides, out_dir=out,
+                                         resume=args.resume, overwrite=args.overwrite, text=text)
+    total = trainer.config.steps
+    print(f"training a unified model ({trainer.model.num_parameters() / 1e6:.2f} M params, image input "
+          f"{trainer.model_config.image_input}) on {len(trainer.train_set)} shapes images for {total} steps "
+          f"(starting at step {trainer.step_count}) -> {out}", file=sys.stderr)
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        saved = trainer.last_checkpoint_step()
+        from .cli import Interrupted
+        raise Interrupted(f"stopped at step {trainer.step_count}; last checkpoint: step {saved}; resume with: "
+                          f"{COMMAND} --tokenizer {tok_path} --out {out} --resume") from None
+    trainer.save_checkpoint()
+    results = trainer.evaluate(t2i=not args.no_t2i_eval)
+    summary = trainer.write_summary(results)
+    trainer.close()
+    keys = ["steps", "train_seconds", f"train_seconds_at_{REFERENCE_GFLOPS:.0f}_gflops", "caption_colour_acc_test",
+            "caption_shape_acc_test", "caption_position_acc_test", "caption_count_acc_test", "vqa_acc_test",
+            "vqa_acc_heldout", "t2i_colour_acc", "t2i_shape_acc", "t2i_colour_acc_heldout", "t2i_shape_acc_heldout"]
+    for k in keys:
+        if k in summary:
+            v = summary[k]
+            print(f"  {k}: {round(v, 4) if isinstance(v, float) else v}")
+    return 0
+
+
+def _caption(args) -> int:
+    model = load_mllm(args.mllm, args.device)
+    pictures = read_pictures(args.images, model.tokenizer.config.image_size)
+    captions = model.caption(pictures, temperature=args.temperature, seed=args.seed)
+    for path, cap in zip(args.images, captions):
+        print(json.dumps({"image": str(path), "caption": cap}))
+    return 0
+
+
+def _ask(args) -> int:
+    if not args.question or not args.question.strip():
+        raise ValueError("--question is empty; expected a question such as \"what colour is the shape?\"")
+    model = load_mllm(args.mllm, args.device)
+    pictures = read_pictures([args.image], model.tokenizer.config.image_size)
+    (answer,), (detail,) = model.answer(pictures, [args.question], with_probs=True, temperature=args.temperature,
+                                        seed=args.seed)
+    prob = 1.0
+    for _, p in detail:
+        prob *= p
+    print(json.dumps({"image": str(args.image), "question": args.question, "answer": answer,
+                      "probability": round(prob, 4)}))
+    return 0
+
+
+def generate_with_mllm(args) -> int:
+    """`unitok generate --mllm [DIR] --prompt ... [--num N] [--out FILE.png] [sampling options]`: pictures drawn
+    by a unified model; one JSON line per picture {"prompt", "index", "image"} (the generator's contract)."""
+    import numpy as np
+    from PIL import Image
+
+    from .data import make_grid_image, to_uint8_image
+
+    model = load_mllm(None if args.mllm in (None, True, "") else args.mllm, getattr(args, "device", "cpu"))
+    prompts = list(args.prompt or [])
+    if not prompts:
+        raise ValueError("expected --prompt TEXT (repeatable), got none")
+    num = int(getattr(args, "num", 1) or 1)
+    codes = model.generate(prompts, num=num, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           cfg_scale=args.cfg_scale, seed=args.seed)
+    pictures = model.decode(codes).cpu()
+    out = Path(getattr(args, "out", None) or "mllm_samples.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if len(pictures) == 1 or out.suffix.lower() != ".png":
+        paths = []
+        for i, pic in enumerate(pictures):
+            path = out if len(pictures) == 1 else out.with_name(f"{out.stem}_{i:03d}{out.suffix or '.png'}")
+            Image.fromarray(to_uint8_image(pic)).save(path)
+            paths.append(path)
+    else:
+        paths = [out.with_name(f"{out.stem}_{i:03d}.png") for i in range(len(pictures))]
+        for path, pic in zip(paths, pictures):
+            Image.fromarray(to_uint8_image(pic)).save(path)
+        Image.fromarray(np.asarray(make_grid_image(pictures, nrow=num))).save(out)
+    for i, path in enumerate(paths):
+        print(json.dumps({"prompt": prompts[i // num], "index": i % num, "image": str(path)}))
+    return 0
+
+
+def add_mllm_commands(sub) -> None:
+    """Add train-mllm, caption and ask to the `unitok` subparsers."""
+    t = sub.add_parser("train-mllm", help="train a unified model (reads and writes images) over a frozen tokenizer")
+    t.add_argument("--tokenizer", default=str(BUNDLED.parent / "tiny-shapes"),
+                   help="the frozen UniTok folder (default: the bundled data/tiny-shapes)")
+    t.add_argument("--data", default="shapes", help="dataset (shapes: tasks are built from its labels)")
+    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--preset", default="tiny", help="model size: tiny or small")
+    t.add_argument("--steps", type=int, help="total training steps (default: the config's)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set image_input=embedding --set train.lr=1e-3 (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    t.add_argument("--overwrite", action="store_true", help="start again in a folder holding a run (moved aside)")
+    t.add_argument("--no-t2i-eval", action="store_true", help="skip drawing and classifying pictures at the end")
+    t.set_defaults(fn=_train_mllm)
+    for name, fn, helptext in (("caption", _caption, "describe pictures with a unified model"),
+                               ("ask", _ask, "answer a question about a picture with a unified model")):
+        p = sub.add_parser(name, help=helptext)
+        if name == "caption":
+            p.add_argument("images", nargs="+", help="picture files (any size or mode)")
+        else:
+            p.add_argument("image", help="a picture file (any size or mode)")
+            p.add_argument("--question", "-q", required=True, help='e.g. "what colour is the shape?"')
+        p.add_argument("--mllm", help="unified-model folder or run folder (default: the bundled data/tiny-mllm)")
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="cpu")
+        p.set_defaults(fn=fn)
