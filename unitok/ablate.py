@@ -155,13 +155,18 @@ METRICS = (
     Metric("fid_proxy", "proxy FID (EfficientNet-Lite0)", False),
     Metric("zero_shot_top1", "zero-shot shape top-1, seen pairs"),
     Metric("zero_shot_top1_heldout", "zero-shot shape top-1, held-out pairs"),
-    Metric("linear_probe_top1", "linear probe top-1"),
+    Metric("linear_probe_top1", "linear probe shape top-1, seen pairs"),
+    Metric("linear_probe_top1_heldout", "linear probe shape top-1, held-out pairs"),
     Metric("codebook_usage", "codebook usage (mean over sub-codebooks)"),
     Metric("perplexity", "perplexity per sub-codebook (mean)"),
     Metric("effective_bits", "effective bits per token (sum of log2 perplexity)"),
     Metric("clip_zero_shot_top1", "zero-shot of the pre-trained continuous CLIP"),
     Metric("gen_nll_bits", "generator held-out NLL (bits per position)", False),
-    Metric("gen_prompt_accuracy", "generated images showing the prompt's shape"),
+    Metric("gen_nll_bits_heldout", "generator NLL, held-out pairs (bits per position)", False),
+    Metric("gen_prompt_accuracy", "samples showing the prompt's colour and shape"),
+    Metric("gen_prompt_accuracy_heldout", "samples showing a held-out prompt"),
+    Metric("gen_fid_proxy", "proxy FID of samples", False),
+    Metric("pretrain_seconds", "CLIP pre-training seconds", False),
     Metric("train_seconds", "train seconds", False),
 )
 METRIC_BY_KEY = {m.key: m for m in METRICS}
@@ -196,9 +201,9 @@ def headline_metrics(results: dict) -> dict:
             out["fid_proxy"] = float(results["fid"])
         else:
             out["fid"] = float(results["fid"])
-    probe = [k for k in results if "probe" in k and k.endswith("top1") and isinstance(results[k], (int, float))]
-    if probe:  # the evaluation's own name for it may vary; take the headline (shortest) key
-        out["linear_probe_top1"] = float(results[min(probe, key=len)])
+    for key in ("linear_probe_top1", "linear_probe_top1_heldout"):   # the evaluation's probe on pooled tokens
+        if isinstance(results.get(key), (int, float)):
+            out[key] = float(results[key])
     return out
 
 
@@ -273,17 +278,20 @@ def tokenizer_spec(scale: Scale, setting: Setting, seed: int) -> dict:
 
 def generator_spec(scale: Scale, setting: Setting, seed: int) -> dict:
     tok = tokenizer_spec(scale, STUDIES["codebooks"].setting(setting.tokenizer), seed)
-    return {"kind": "generator", "tokenizer": tok, "tokenizer_key": _hash(tok),
-            "steps": scale.generator_steps or scale.steps, "seed": seed}
+    steps = scale.generator_steps or scale.steps
+    # codes of as many training images as the generator sees (at least 2048), held-out NLL on eval_images each
+    return {"kind": "generator", "tokenizer": tok, "tokenizer_key": _hash(tok), "steps": steps, "seed": seed,
+            "train_images": min(20_000, max(2048, 64 * steps)), "eval_images": scale.eval_images,
+            "samples_per_prompt": 4}
 
 
-def plan(studies: Sequence[str], seeds: Union[int, Sequence[int]], scale: Scale) -> List[Task]:
+def plan(studies: Union[str, Sequence[str]], seeds: Union[int, Sequence[int]], scale: Scale) -> List[Task]:
     """Every (study, setting, seed) cell, in study order then setting order then seed."""
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list or any(not isinstance(s, int) or s < 0 for s in seed_list):
         raise ValueError(f"seeds must be a positive count or a list of non-negative ints, got {seeds!r}")
     tasks = []
-    for name in parse_studies(list(studies)):
+    for name in parse_studies(studies):
         study = STUDIES[name]
         for setting in study.settings:
             for seed in seed_list:
@@ -545,7 +553,7 @@ def _run_tokenizer(task: Task, out: Path, run_dir: Path, log: Callable) -> dict:
     finally:
         trainer.close()
     metrics = headline_metrics(results)
-    metrics.update({k: v for k, v in extra.items() if k.startswith("clip_")})
+    metrics.update({k: v for k, v in extra.items() if k.startswith("clip_") or k == "pretrain_seconds"})
     metrics["train_seconds"] = round(trainer.train_seconds, 2)
     record = {"kind": "tokenizer", "key": task.key, "metrics": metrics, "eval": results,
               "train_seconds": round(trainer.train_seconds, 2), "wall_seconds": round(time.perf_counter() - start, 2),
@@ -560,8 +568,61 @@ def _run_tokenizer(task: Task, out: Path, run_dir: Path, log: Callable) -> dict:
 
 
 def _run_generator(task: Task, out: Path, run_dir: Path, log: Callable) -> dict:
-    raise ValueError("the generation study needs the generator trainer (`unitok train-generator`), which this "
-                     "installation does not have yet; run the other studies")
+    """Train a generator on the codes of the task's tokenizer run (trained first by `_execute`) and measure it:
+    held-out NLL (teacher-forced, bits per token position = all k sub-codes) and prompt accuracy of samples (how often
+    an independent small CNN reads both the prompted colour and shape from a generated image)."""
+    try:
+        from .generator_train import GeneratorTrainer, evaluate_samples, load_shape_classifier
+    except ImportError:
+        raise ValueError("the generation study needs the generator trainer (unitok.generator_train), which this "
+                         "installation does not have; run the other studies") from None
+    from .model import UniTok
+    from .runs import atomic_write_text
+    from .runtime import pick_device
+
+    spec = task.spec
+    tok_dir = out / "runs" / spec["tokenizer_key"] / "best"
+    if not (tok_dir / "model.safetensors").is_file():
+        raise ValueError(f"the tokenizer run {tok_dir.parent} has no weights; expected it to be trained first")
+    device = pick_device(spec["tokenizer"]["train"]["device"])
+    peak = matmul_peak(device=device)
+    start = time.perf_counter()
+    tokenizer = UniTok.from_pretrained(tok_dir, map_location=str(device))
+    overrides = [f"steps={spec['steps']}", f"seed={spec['seed']}", "eval_every=0",
+                 f"checkpoint_every={max(10, spec['steps'] // 3)}", f"train_images={spec['train_images']}",
+                 f"eval_images={spec['eval_images']}", f"device={spec['tokenizer']['train']['device']}"]
+    trainer = GeneratorTrainer.from_tokenizer(tokenizer, tok_dir, data=spec["tokenizer"]["data"]["name"],
+                                              overrides=overrides, out_dir=run_dir, resume=True, progress=False)
+    try:
+        trainer.run(progress=False)
+        trainer.save_checkpoint()
+        nll = trainer.evaluate()
+        with torch.enable_grad():  # the measuring CNN is trained (once, then cached) on first use
+            classifier = load_shape_classifier(tokenizer.config.image_size)
+        samples = evaluate_samples(trainer.generator, num=spec["samples_per_prompt"], seed=spec["seed"],
+                                   fid=spec["tokenizer"]["fid"] == "proxy", classifier=classifier)
+        trainer.write_summary(samples)
+    finally:
+        trainer.close()
+    positions = trainer.gen_config.num_positions
+    metrics = {"gen_nll_bits": nll["bits_per_image_test"] / positions,
+               "gen_prompt_accuracy": samples["prompt_both_acc"], "train_seconds": round(trainer.train_seconds, 2)}
+    if "bits_per_image_heldout" in nll:
+        metrics["gen_nll_bits_heldout"] = nll["bits_per_image_heldout"] / positions
+    if "prompt_both_acc_heldout" in samples:
+        metrics["gen_prompt_accuracy_heldout"] = samples["prompt_both_acc_heldout"]
+    if "fid_proxy" in samples:
+        metrics["gen_fid_proxy"] = samples["fid_proxy"]
+    record = {"kind": "generator", "key": task.key, "metrics": metrics, "eval": {**nll, **samples},
+              "train_seconds": round(trainer.train_seconds, 2), "wall_seconds": round(time.perf_counter() - start, 2),
+              "matmul_peak_gflops": round(peak, 1),
+              "peak_scaled_train_seconds": round(trainer.train_seconds * peak / REFERENCE_PEAK_GFLOPS, 2),
+              "config": {**spec, "generator": dataclasses.asdict(trainer.gen_config),
+                         "generator_train": dataclasses.asdict(trainer.config)},
+              "git": git_revision(), "machine": _machine(device), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_text(run_dir / "result.json", json.dumps(record, indent=2, default=float))
+    (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+    return record
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -686,8 +747,12 @@ def run_ablation(studies: Union[str, Sequence[str]], seeds: Union[int, Sequence[
         have = {(r["study"], r["setting"], r["seed"], r.get("key")) for r in load_results(results_path)} \
             if results_path.exists() else set()
         todo = [t for t in tasks if (t.study, t.setting, t.seed, t.key) not in have]
+        keys = {t.key for t in todo}
+        fresh = {k for k in keys if not (out / "runs" / k / "result.json").is_file()}
         log(f"ablation {', '.join(names)}: {len(tasks)} runs planned, {len(tasks) - len(todo)} already in "
-            f"{results_path}; {len({t.key for t in todo})} distinct runs to do -> {out}")
+            f"{results_path}; {len(fresh)} distinct runs to train" + (
+                f" ({len(keys) - len(fresh)} more shared with finished runs of other studies)"
+                if len(keys) > len(fresh) else "") + f" -> {out}")
         _execute(todo, out, jobs, results_path, log)
         return [r for r in load_results(results_path) if r["study"] in names] if results_path.exists() else []
 
@@ -777,8 +842,9 @@ def _fmt(mean: float, std: float, n: int) -> str:
 
 
 TABLE_METRICS = ("psnr", "fid_proxy", "zero_shot_top1", "zero_shot_top1_heldout", "linear_probe_top1",
+                 "linear_probe_top1_heldout",
                  "codebook_usage", "effective_bits", "clip_zero_shot_top1", "gen_nll_bits", "gen_prompt_accuracy",
-                 "train_seconds")
+                 "gen_prompt_accuracy_heldout", "gen_fid_proxy", "train_seconds", "pretrain_seconds")
 
 
 def format_table(rows: List[dict], metrics: Sequence[str] = TABLE_METRICS) -> str:
@@ -802,7 +868,8 @@ def format_table(rows: List[dict], metrics: Sequence[str] = TABLE_METRICS) -> st
 
 
 PLOT_METRICS = ("psnr", "fid_proxy", "zero_shot_top1", "zero_shot_top1_heldout", "linear_probe_top1",
-                "effective_bits", "gen_nll_bits", "gen_prompt_accuracy")
+                "effective_bits", "gen_nll_bits", "gen_prompt_accuracy", "gen_prompt_accuracy_heldout",
+                "gen_fid_proxy")
 
 
 def _plot_data(rows: List[dict], study: str):
