@@ -137,9 +137,11 @@ def test_dashboard_pause_stops_the_thread_and_never_runs_two(trainer):
         assert dash.wait(60) and not dash.running
         assert start < trainer.step_count < start + 1000
         assert "paused" in dash.status.value and not dash.run_button.disabled
+        before = trainer.step_count
+        assert dash.start(3)
+        dash.train(1)                              # Run still going: train() waits for it, then does its own step
+        assert not dash.running and trainer.step_count == before + 4
         assert dash.start(1000)
-        with pytest.raises(RuntimeError):        # a synchronous train() refuses while a worker runs
-            dash.train(1)
         dash.pause()
         assert dash.wait(60)
     finally:
@@ -165,6 +167,12 @@ def test_dashboard_eval_callback_adds_psnr_point(trainer):
         assert list(dash.eval_trace.x) == [trainer.step_count]
         assert list(dash.eval_trace.y) == pytest.approx([results["psnr"]])
         assert "eval @" in dash.status.value
+        # understanding over training: zero-shot (seen, held-out) and the linear probe, in percent, per eval
+        for name in ("zero_shot_top1", "zero_shot_top1_heldout", "linear_probe_top1"):
+            trace = dash.understanding_traces[name]
+            assert list(trace.x) == [trainer.step_count] and list(trace.y) == pytest.approx([100 * results[name]])
+        assert "linear probe" in dash.status.value
+        assert_figure(dash.static_figure())
     finally:
         dash.close()
     assert dash._on_step not in trainer.callbacks["step"]            # close() detached the dashboard
@@ -699,3 +707,29 @@ def test_unitok_never_imports_widget_libraries():
             "('ipywidgets', 'plotly', 'unitok_widgets', 'anywidget', 'IPython'))\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_pre_run_copies_drop_live_widgets_and_shrink_pictures():
+    import base64
+    import io
+
+    import nbformat
+    from PIL import Image
+
+    from unitok_widgets import lab as L
+
+    rng = np.random.default_rng(0)
+    picture = np.repeat(rng.integers(0, 4, (60, 80, 1)) * 60, 3, axis=2).astype(np.uint8)   # 4 grey levels
+    buffer = io.BytesIO()
+    Image.fromarray(picture).convert("RGBA").save(buffer, format="PNG")
+    png = base64.b64encode(buffer.getvalue()).decode()
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={L.WIDGET_VIEW: {"model_id": "abc"},
+                                                                  "text/plain": "<View object>"}),
+                    nbformat.v4.new_output("display_data", data={"image/png": png, "text/plain": "<Figure>"})]
+    nb = nbformat.v4.new_notebook(cells=[cell])
+    assert L.strip_widget_views(nb) == 1
+    assert cell.outputs[0]["data"] == {"text/plain": L.WIDGET_NOTE}
+    assert L.shrink_pngs(nb) > 0
+    with Image.open(io.BytesIO(base64.b64decode(cell.outputs[1]["data"]["image/png"]))) as small:
+        assert np.array_equal(np.asarray(small.convert("RGB")), picture)      # four colours survive exactly

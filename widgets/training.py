@@ -38,6 +38,11 @@ from ._common import (FIG_WIDTH, LOSS_COLOURS, codebook_colour, figure_layout, h
 
 LOSS_TERMS = ("loss", "l1", "l2", "vq", "clip")       # "loss" is the weighted total the optimiser sees
 LOSS_LABELS = {"loss": "total", "l1": "L1", "l2": "L2 (MSE)", "vq": "VQ", "clip": "CLIP"}
+# evaluation results drawn over training in the understanding panel: (result name, colour, line dash)
+UNDERSTANDING_TRACES = (("zero_shot_top1", "#4e79a7", "solid"), ("zero_shot_top1_heldout", "#4e79a7", "dot"),
+                        ("linear_probe_top1", "#f28e2b", "solid"))
+UNDERSTANDING_LABELS = {"zero_shot_top1": "zero-shot", "zero_shot_top1_heldout": "zero-shot, held-out pairs",
+                        "linear_probe_top1": "linear probe"}
 
 
 def _thin(n: int, max_points: int) -> np.ndarray:
@@ -163,8 +168,9 @@ class TrainingDashboard(View):
 
     def _build_figure(self) -> go.FigureWidget:
         fig = make_subplots(
-            rows=3, cols=2, specs=[[{}, {}], [{}, {}], [{"colspan": 2}, None]],
-            subplot_titles=("loss terms (log)", "PSNR (dB)", "learning rate", "dead codes per sub-codebook",
+            rows=3, cols=2, specs=[[{}, {}], [{"secondary_y": True}, {}], [{"colspan": 2}, None]],
+            subplot_titles=("loss terms (log)", "PSNR (dB)", "understanding at each eval (%) · lr (right)",
+                            "dead codes per sub-codebook",
                             self._usage_title()),
             vertical_spacing=0.11, horizontal_spacing=0.09, row_heights=[0.37, 0.33, 0.30])
         for name in LOSS_TERMS:
@@ -176,8 +182,8 @@ class TrainingDashboard(View):
         fig.add_trace(go.Scatter(x=[], y=[], mode="markers+lines", name="eval PSNR",
                                  marker=dict(color="#e15759", size=8, symbol="diamond"),
                                  line=dict(color="#e15759", dash="dot")), row=1, col=2)
-        fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name="lr", line=dict(color="#9c755f"),
-                                 marker=dict(size=5), showlegend=False), row=2, col=1)
+        fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name="lr", line=dict(color="#9c755f", width=1),
+                                 marker=dict(size=5), showlegend=False, opacity=0.6), row=2, col=1, secondary_y=True)
         for i in range(self.num_codebooks):
             fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name=str(i), legend="legend2",
                                      marker=dict(size=5),
@@ -189,8 +195,14 @@ class TrainingDashboard(View):
             colorscale="Viridis", colorbar=dict(title=dict(text="used", side="right"), len=0.28, y=0.13,
                                                 tickformat=".0%"),
             hovertemplate="step %{x}<br>sub-codebook %{y}<br>used %{z:.1%}<extra></extra>"), row=3, col=1)
+        # Understanding over training, one point per evaluation (added last so the traces above keep their index).
+        for name, colour, dash in UNDERSTANDING_TRACES:
+            fig.add_trace(go.Scatter(x=[], y=[], mode="markers+lines", name=UNDERSTANDING_LABELS[name],
+                                     marker=dict(color=colour, size=7), line=dict(color=colour, dash=dash)),
+                          row=2, col=1)
         fig.update_yaxes(type="log", row=1, col=1)
-        fig.update_yaxes(exponentformat="e", row=2, col=1)
+        fig.update_yaxes(range=[0, 100], row=2, col=1, secondary_y=False)
+        fig.update_yaxes(exponentformat="e", showgrid=False, row=2, col=1, secondary_y=True)
         fig.update_yaxes(title_text="sub-codebook", dtick=1, autorange="reversed", row=3, col=1)
         fig.update_xaxes(title_text="step", row=3, col=1)
         # one legend row above the grid (inside, it would hide the top of the loss curves)
@@ -206,6 +218,7 @@ class TrainingDashboard(View):
         self.psnr_trace, self.eval_trace, self.lr_trace = fw.data[5], fw.data[6], fw.data[7]
         self.dead_traces = list(fw.data[8:8 + k])
         self.usage_heatmap = fw.data[8 + k]
+        self.understanding_traces = {name: fw.data[9 + k + i] for i, (name, _, _) in enumerate(UNDERSTANDING_TRACES)}
         # Curves start with markers (a single point drawn as a line is invisible); long curves drop them.
         self._marked = [*self.loss_traces.values(), self.psnr_trace, self.lr_trace, *self.dead_traces]
         return fw
@@ -306,6 +319,9 @@ class TrainingDashboard(View):
             self.eval_trace.x = [s for s, _ in evals]
             self.eval_trace.y = json_safe([p for _, p in evals])
             self.lr_trace.x, self.lr_trace.y = steps, json_safe(col["lr"])
+            for name, trace in self.understanding_traces.items():
+                points = [(r["step"], 100 * r[name]) for r in self._evals if r.get(name) is not None]
+                trace.x, trace.y = [s for s, _ in points], json_safe([v for _, v in points])
             for i, trace in enumerate(self.dead_traces):
                 trace.x, trace.y = log_steps, json_safe(dead[i]) if dead.size else []
             self.usage_heatmap.x = log_steps
@@ -324,6 +340,8 @@ class TrainingDashboard(View):
             text = f"eval @ {last.get('step')}: PSNR {last.get('psnr', math.nan):.2f} dB"
             if "zero_shot_top1" in last:
                 text += f", zero-shot top-1 {100 * last['zero_shot_top1']:.1f} %"
+            if "linear_probe_top1" in last:
+                text += f", linear probe {100 * last['linear_probe_top1']:.1f} %"
             parts.append(text)
         parts.append(f"UI overhead {100 * self.ui_overhead():.1f} %")
         colour = {"running": "#2a7", "pausing": "#c80", "error": "#c33"}.get(self._state, "#555")
@@ -374,9 +392,22 @@ class TrainingDashboard(View):
 
     def train(self, steps: int) -> list:
         """Train `steps` steps in this thread (blocking), with the same throttled redraws as Run; a final redraw
-        shows the last step. Errors are shown in `output` and raised. Returns the trainer's history."""
+        shows the last step. Errors are shown in `output` and raised. Returns the trainer's history.
+
+        If Run / Step is still training in the background (a student pressed Run, then ran this cell), this first
+        waits for that to finish, saying so, then trains its own `steps`: buttons and cells can be used in any
+        order. An interrupt while waiting pauses the background run with the same one-line message."""
+        if self.running:
+            print("the dashboard is still training in the background (Run or Step); waiting for it to finish")
+            try:
+                self.wait()
+            except KeyboardInterrupt:
+                self.pause()
+                self.wait()
+                print(f"stopped at step {self.trainer.step_count}; the model keeps its weights")
+                return self.trainer.history
         with self._thread_lock:
-            if self.running:
+            if self.running:            # pressed again in the meantime: never two workers on one trainer
                 raise RuntimeError("the dashboard is already training in the background; pause() and wait() first")
             self._pause.clear()
             self._set_state("running")
@@ -487,25 +518,35 @@ class TrainingDashboard(View):
             usage = np.asarray(self._usage, dtype=np.float64).reshape(-1, self.num_codebooks).T
             dead = np.asarray(self._dead, dtype=np.float64).reshape(-1, self.num_codebooks).T
             evals = [(r["step"], r["psnr"]) for r in self._evals if "psnr" in r]
+            understanding = {name: [(r["step"], 100 * r[name]) for r in self._evals if r.get(name) is not None]
+                             for name, _, _ in UNDERSTANDING_TRACES}
         fig = new_figure(11, 8.5)
         grid = fig.add_gridspec(3, 2, height_ratios=[1.1, 1, 0.9], hspace=0.55, wspace=0.22)
         ax = fig.add_subplot(grid[0, 0])
         for name in LOSS_TERMS:
             if len(c["step"]) and np.isfinite(c[name]).any():
                 ax.plot(c["step"], c[name], label=LOSS_LABELS[name], color=LOSS_COLOURS[name],
-                        lw=1.8 if name == "loss" else 1.1)
+                        lw=1.8 if name == "loss" else 1.1, marker="o" if len(c["step"]) <= 60 else None, ms=3)
         ax.set_yscale("log")
         ax.set_title("loss terms", fontsize=10)
         ax.legend(fontsize=8, ncol=3)
         ax = fig.add_subplot(grid[0, 1])
-        ax.plot(c["step"], c["psnr_batch"], color="#b07aa1", lw=1, label="batch")
+        ax.plot(c["step"], c["psnr_batch"], color="#b07aa1", lw=1, label="batch",
+                marker="o" if len(c["step"]) <= 60 else None, ms=3)
         if evals:
             ax.plot(*zip(*evals), "D:", color="#e15759", label="eval")
         ax.set_title("PSNR (dB)", fontsize=10)
         ax.legend(fontsize=8)
         ax = fig.add_subplot(grid[1, 0])
-        ax.plot(c["step"], c["lr"], color="#9c755f")
-        ax.set_title("learning rate", fontsize=10)
+        for name, colour, dash in UNDERSTANDING_TRACES:
+            if understanding[name]:
+                ax.plot(*zip(*understanding[name]), "o" + (":" if dash == "dot" else "-"), color=colour,
+                        label=UNDERSTANDING_LABELS[name])
+        ax.set_ylim(0, 100)
+        if any(understanding.values()):
+            ax.legend(fontsize=7, loc="lower right")
+        ax.twinx().plot(c["step"], c["lr"], color="#9c755f", lw=1, alpha=0.6)
+        ax.set_title("understanding at each eval (%) · lr (right)", fontsize=10)
         ax = fig.add_subplot(grid[1, 1])
         for i in range(len(dead)):
             ax.plot(log_steps, dead[i], color=codebook_colour(i), lw=1.1, label=str(i))
