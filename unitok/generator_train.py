@@ -57,7 +57,7 @@ class GeneratorTrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
-    train_images: int = 20_000        # codes extracted once from this many training images
+    train_images: int = 10_000        # codes extracted once from this many training images
     eval_images: int = 512            # per held-out set (test split: seen pairs; heldout split: unseen pairs)
     eval_every: int = 200
     checkpoint_every: int = 100

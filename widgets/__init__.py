@@ -12,6 +12,7 @@ The library (`unitok`) never imports this package.
 """
 from .codebook import CodebookUsage
 from .embeddings import TokenEmbeddingExplorer
+from .generation import GenerationExplorer
 from .lab import Lab, notebook_setup
 from .reconstruction import ReconstructionViewer
 from .token_grid import TokenGrid
@@ -19,4 +20,4 @@ from .training import TrainingDashboard
 from .zero_shot import ZeroShotPanel
 
 __all__ = ["TrainingDashboard", "CodebookUsage", "ReconstructionViewer", "TokenEmbeddingExplorer", "TokenGrid",
-           "ZeroShotPanel", "Lab", "notebook_setup"]
+           "ZeroShotPanel", "GenerationExplorer", "Lab", "notebook_setup"]
