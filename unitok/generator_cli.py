@@ -54,6 +54,8 @@ def add_generator_commands(sub) -> None:
     g.add_argument("--cfg-scale", type=float, help="classifier-free guidance (1 = off)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npz (images uint8, codes int64)")
+    g.add_argument("--mllm", nargs="?", const="", metavar="DIR",
+                   help="draw with a unified model instead (bare --mllm: the bundled data/tiny-mllm)")
     g.set_defaults(fn=_generate)
 
 
@@ -172,7 +174,14 @@ def _generate(args) -> int:
         raise ValueError("expected a non-empty --prompt, got an empty string")
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
-    generator, folder = load_generator(args.generator, args.device)
+    if getattr(args, "mllm", None) is not None:   # a unified model draws through the same interface
+        from .mllm_cli import load_mllm_folder
+
+        if args.label is not None:
+            raise ValueError("--class needs a class-conditional generator; a unified model takes --prompt")
+        generator, folder = load_mllm_folder(args.mllm or None, args.device)
+    else:
+        generator, folder = load_generator(args.generator, args.device)
     sampling = recommended_sampling(folder)
     for key, value in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p),
                        ("cfg_scale", args.cfg_scale)):

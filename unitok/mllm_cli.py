@@ -3,7 +3,7 @@
     unitok train-mllm --tokenizer data/tiny-shapes --data shapes --out runs/mllm [--steps N] [--set key=value]
     unitok caption picture.png other.jpg                  # {"image": PATH, "caption": "..."} per line
     unitok ask picture.png --question "what colour is the shape?"       # {"image": ..., "question": ..., "answer": ...}
-    unitok generate --mllm --prompt "a red star" --out star.png
+    unitok generate --mllm --prompt "a red star" --num 8 --out stars.png   # the generator's command and output
 
 Without --mllm, `caption` and `ask` use the bundled unified model (data/tiny-mllm); `generate --mllm` with no
 folder does too. Pictures of any size or mode are converted to RGB and resized to the tokenizer's size (with a
@@ -25,6 +25,11 @@ def bundled_mllm_path() -> Path:
 
 def load_mllm(path=None, device: str = "cpu"):
     """A UnifiedModel from a model folder, a run folder (its best/ or final/ weights) or the bundled one."""
+    return load_mllm_folder(path, device)[0]
+
+
+def load_mllm_folder(path=None, device: str = "cpu"):
+    """(UnifiedModel, the folder its weights came from); `unitok generate --mllm` draws with it."""
     from .mllm import UnifiedModel
 
     folder = Path(path) if path else BUNDLED
@@ -33,7 +38,7 @@ def load_mllm(path=None, device: str = "cpu"):
                                 f"text_tokenizer.json, model.safetensors) or a `unitok train-mllm` run folder")
     for sub in ("", "best", "final"):
         if (folder / sub / "model.safetensors").is_file() and (folder / sub / "text_tokenizer.json").is_file():
-            return UnifiedModel.from_pretrained(folder / sub, map_location=device)
+            return UnifiedModel.from_pretrained(folder / sub, map_location=device), folder / sub
     raise ValueError(f"{folder} holds no unified model (expected model.safetensors and text_tokenizer.json in it, "
                      f"or in its best/ or final/ folder)")
 
@@ -67,7 +72,7 @@ def read_pictures(paths, image_size: int):
 
 def _train_mllm(args) -> int:
     from .cli import read_json
-    from .mllm_train import MLLMTrainer, REFERENCE_GFLOPS, evaluate_t2i
+    from .mllm_train import MLLMTrainer, REFERENCE_GFLOPS
     from .model import UniTok
     from .mllm import TextTokenizer
     from .runs import holds_run
@@ -151,40 +156,6 @@ def _ask(args) -> int:
         prob *= p
     print(json.dumps({"image": str(args.image), "question": args.question, "answer": answer,
                       "probability": round(prob, 4)}))
-    return 0
-
-
-def generate_with_mllm(args) -> int:
-    """`unitok generate --mllm [DIR] --prompt ... [--num N] [--out FILE.png] [sampling options]`: pictures drawn
-    by a unified model; one JSON line per picture {"prompt", "index", "image"} (the generator's contract)."""
-    import numpy as np
-    from PIL import Image
-
-    from .data import make_grid_image, to_uint8_image
-
-    model = load_mllm(None if args.mllm in (None, True, "") else args.mllm, getattr(args, "device", "cpu"))
-    prompts = list(args.prompt or [])
-    if not prompts:
-        raise ValueError("expected --prompt TEXT (repeatable), got none")
-    num = int(getattr(args, "num", 1) or 1)
-    codes = model.generate(prompts, num=num, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           cfg_scale=args.cfg_scale, seed=args.seed)
-    pictures = model.decode(codes).cpu()
-    out = Path(getattr(args, "out", None) or "mllm_samples.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if len(pictures) == 1 or out.suffix.lower() != ".png":
-        paths = []
-        for i, pic in enumerate(pictures):
-            path = out if len(pictures) == 1 else out.with_name(f"{out.stem}_{i:03d}{out.suffix or '.png'}")
-            Image.fromarray(to_uint8_image(pic)).save(path)
-            paths.append(path)
-    else:
-        paths = [out.with_name(f"{out.stem}_{i:03d}.png") for i in range(len(pictures))]
-        for path, pic in zip(paths, pictures):
-            Image.fromarray(to_uint8_image(pic)).save(path)
-        Image.fromarray(np.asarray(make_grid_image(pictures, nrow=num))).save(out)
-    for i, path in enumerate(paths):
-        print(json.dumps({"prompt": prompts[i // num], "index": i % num, "image": str(path)}))
     return 0
 
 
