@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import unitok  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
-from unitok import ModelConfig, UniTok, get_preset
+from unitok import UniTok, get_preset
 from unitok import discriminator as D
 from unitok.config import TrainConfig
 from unitok.losses import UniTokLoss

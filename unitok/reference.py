@@ -26,7 +26,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Sequence, Tuple, Union
+from typing import Any, Dict, Tuple, Union
 
 import torch
 
@@ -182,6 +182,7 @@ def config_from_reference(args: Dict[str, Any], state: Dict[str, torch.Tensor] |
     dec_widths = (_shape(state, "decoder.up_conv1.conv.weight")[0],
                   _shape(state, "decoder.up_conv3.0.conv3_1x1.weight")[0])
     dec_depths = tuple(_count(state, f"decoder.up_conv{s}.{{}}.pre_norm.weight") for s in (2, 3))
+    mlp_ratio = _shape(state, "encoder.blocks.0.mlp.w0.weight")[0] / width  # GeGLU hidden / width: 2 released
     encoder_depth = _count(state, "encoder.blocks.{}.norm1.weight")
     decoder_depth = _count(state, "decoder.blocks.{}.norm1.weight")
     named = VITAMIN_SIZES[model]
@@ -212,7 +213,7 @@ def config_from_reference(args: Dict[str, Any], state: Dict[str, torch.Tensor] |
     values = dict(
         image_size=int(args.get("img_size", 256)), patch_size=16, encoder=model, decoder="vitamin",
         projection="attn_reference", width=width, encoder_depth=encoder_depth, decoder_depth=decoder_depth,
-        num_heads=num_heads, mlp="geglu", mlp_ratio=2.0, conv_widths=conv_widths, conv_depths=conv_depths,
+        num_heads=num_heads, mlp="geglu", mlp_ratio=mlp_ratio, conv_widths=conv_widths, conv_depths=conv_depths,
         decoder_conv_widths=dec_widths, decoder_conv_depths=dec_depths, fc_norm_eps=1e-6,
         latent_dim=latent_dim, num_codebooks=num_codebooks, codebook_size=codebook_size,
         beta=float(args.get("vq_beta", 0.25)), entropy_weight=float(args.get("le", 0.0) or 0.0),

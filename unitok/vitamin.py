@@ -82,14 +82,15 @@ def reference_mlp(dim: int, hidden: int) -> GeGluMlp:
 
 
 def _vit(cfg, depth: int, embed_layer=None, img_size: int = 256) -> VisionTransformer:
-    """timm VisionTransformer as the reference builds it: no positions, no class token, GeGLU ratio 2, eps 1e-6."""
+    """timm VisionTransformer as the reference builds it: no positions, no class token, GeGLU (hidden
+    mlp_ratio x width: 2 in the reference), LayerNorm eps 1e-6."""
     def mlp_layer(in_features, hidden_features, **_ignored):  # act/norm/bias kwargs from Block: fixed by reference
         return reference_mlp(in_features, hidden_features)
 
     kwargs = dict(embed_layer=embed_layer) if embed_layer is not None else {}
     return VisionTransformer(
         img_size=img_size, patch_size=1, in_chans=cfg.in_chans, embed_dim=cfg.width, depth=depth,
-        num_heads=cfg.num_heads, mlp_ratio=2.0, mlp_layer=mlp_layer, qkv_bias=True, class_token=False,
+        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, mlp_layer=mlp_layer, qkv_bias=True, class_token=False,
         pos_embed="none", reg_tokens=0, global_pool="", fc_norm=False, num_classes=0, **kwargs)
 
 
