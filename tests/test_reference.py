@@ -341,7 +341,7 @@ def test_bad_files_give_clear_errors(original, tmp_path):
         UniTok.from_reference(_write(tmp_path, blob))
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(ValueError, match="cannot be read safely"):
+    with pytest.raises(ValueError, match="is not a readable torch checkpoint"):
         UniTok.from_reference(garbage)
     with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
         UniTok.from_reference(tmp_path / "absent.pth")
@@ -363,6 +363,17 @@ def test_hub_download_failure_says_where_to_put_the_file(monkeypatch):
     message = str(info.value)
     assert "huggingface-cli download FoundationVision/unitok_tokenizer unitok_tokenizer.pth" in message
     assert "UNITOK_REFERENCE" in message and "ConnectionError" in message
+
+
+def test_find_reference_looks_at_the_environment_variable(ref_file, monkeypatch, tmp_path):
+    monkeypatch.setenv("UNITOK_REFERENCE", str(ref_file))
+    assert R.find_reference() == ref_file
+    monkeypatch.setenv("UNITOK_REFERENCE", str(tmp_path / "absent.pth"))
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    assert R.find_reference() is None
+    assert R.resolve_reference(ref_file.parent) == ref_file  # a folder holding the file
 
 
 def test_from_reference_args_without_a_state_dict_is_the_released_size():

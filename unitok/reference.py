@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Dict, Tuple, Union
@@ -103,15 +104,19 @@ def read_reference(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, torch.Tens
         raise FileNotFoundError(f"{path}: no such file; expected the reference checkpoint {REFERENCE_FILE}")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError for foreign objects; RuntimeError/EOFError for non-checkpoints
-        first = str(e).strip().splitlines()
-        detail = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line),
-                      first[0] if first else type(e).__name__)
+    except pickle.UnpicklingError as e:  # a Python object the safe unpickler refuses (it names the global)
+        lines = str(e).strip().splitlines()
+        detail = next((line.strip() for line in lines if "GLOBAL" in line or "Unsupported" in line),
+                      lines[0] if lines else type(e).__name__)
         raise ValueError(
-            f"{path}: cannot be read safely with torch.load(weights_only=True) ({type(e).__name__}: {detail}). "
-            f"Expected the reference's {REFERENCE_FILE}: a dict of tensors and plain values. If the file holds other "
-            f"Python objects, it is not that checkpoint, or it was re-saved with them; re-save it as "
+            f"{path}: cannot be read safely with torch.load(weights_only=True) ({detail}). Expected the "
+            f"reference's {REFERENCE_FILE}: a dict of tensors and plain values. A file holding other Python objects "
+            f"is not that checkpoint, or was re-saved with them; re-save it as "
             f"{{'args': dict, 'trainer': {{'unitok': state_dict}}}} from a trusted environment.") from None
+    except Exception as e:  # not a torch.save file at all, or a truncated / damaged one
+        raise ValueError(f"{path}: is not a readable torch checkpoint ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0]}); expected the reference's {REFERENCE_FILE} "
+                         f"(download it again if it is truncated)") from None
     if not isinstance(blob, dict):
         raise ValueError(f"{path}: expected a dict with 'args' and 'trainer' (the reference checkpoint), got "
                          f"{type(blob).__name__}")
