@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 OURS = ["00_quickstart", "01_train_step_by_step", "02_codebook_utilization", "03_reconstructions",
-        "04_token_embeddings", "05_zero_shot_understanding", "06_bring_your_own_data",
+        "04_token_embeddings", "05_zero_shot_understanding", "06_bring_your_own_data", "07_generation",
         "08_released_checkpoint", "11_straight_through_estimator", "12_attention_projection"]
 
 # Run after the notebook, in its kernel (smoke mode). Each ends by printing "checks passed".
@@ -91,6 +91,12 @@ assert 0 < distinct <= window
     "05_zero_shot_understanding": """
 assert set(accuracy.index) == set(tasks)
 assert ((accuracy.filter(like="top-1") >= 0) & (accuracy.filter(like="top-1") <= 100)).all().all()
+# the linear probe: shape and colour on both splits; a held-out colour x shape pair is a class it never saw
+probe = accuracy.filter(like="probe %")
+assert list(probe.columns) == ["seen probe %", "held-out probe %"]
+assert np.isnan(probe.loc["colour_shape", "held-out probe %"])
+assert ((probe.loc[["shape", "colour"]] >= 0) & (probe.loc[["shape", "colour"]] <= 100)).all().all()
+assert train_x.shape == (2 * N_IMAGES, cfg.width)
 for name, (classnames, _, _) in tasks.items():
     assert classifiers[name].shape == (cfg.embed_dim, len(classnames))
 assert data["seen"][1].shape == data["held-out"][1].shape == (N_IMAGES, cfg.embed_dim)
@@ -114,6 +120,18 @@ if fashion is not None:
     assert fashion.step_count == FASHION_STEPS
     assert 0.0 <= fashion_results["zero_shot_top1"] <= 1.0 and np.isfinite(fashion_results["psnr"])
     assert fashion_recon.shape == (10, 3, 32, 32)
+""",
+    "07_generation": """
+assert depth.step_count == parallel.step_count == STEPS and len(depth.history) == STEPS
+assert after["bits_per_subcode_test"] < before["bits_per_subcode_test"]          # training lowers held-out NLL
+assert abs(before["bits_per_subcode_test"] - 8.0) < 1e-3                       # zero-initialised classifier
+assert explorer.codes.shape == (8, 8, 8, 8) and explorer.filled == lab.pick(smoke=2, classroom=10, full=10)
+assert len(explorer.last_choices) == 8
+assert set(sweep.columns) >= {"colour %", "shape %", "diversity"} and len(sweep) == 5
+assert ((sweep[["colour %", "shape %"]] >= 0) & (sweep[["colour %", "shape %"]] <= 100)).all().all()
+assert list(heads.index) == ["depth", "parallel"] and np.isfinite(heads.to_numpy()).all()
+assert red_star.shape == (24, 8, 8, 8) and list(pairs.columns) == ["seen pairs", "held-out pairs"]
+assert ((pairs >= 0) & (pairs <= 100)).all().all()
 """,
     "08_released_checkpoint": """
 assert path is None and "random" in source                       # smoke mode never loads the 2.4 GB file

@@ -111,6 +111,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     EXTENT = {"small": 0.36, "large": 0.64}  # the object's bounding box as a fraction of the image side
     P_TWO_OBJECTS = 0.4
+    P_NO_COLOUR = 0.5  # captions that name the shapes but not their colours (see _caption)
     POSITION_PHRASES = {
         "top left": "in the top left corner", "top": "at the top", "top right": "in the top right corner",
         "left": "on the left", "centre": "in the centre", "right": "on the right",
@@ -205,8 +206,12 @@ class ShapesDataset(torch.utils.data.Dataset):
                     caption=self._caption(rng, objects, background))
 
     def _caption(self, rng: random.Random, objects: list[dict], background: str) -> str:
+        # A share of captions leave the colours out ("a large star on the left"): colour, position and background
+        # alone tell most images of a batch apart, so without these the contrastive loss never needs the shape.
+        with_colour = rng.random() >= self.P_NO_COLOUR
+
         def phrase(obj, article=True):
-            words = ([obj["size"]] if rng.random() < 0.5 else []) + [obj["colour"], obj["shape"]]
+            words = ([obj["size"]] if rng.random() < 0.5 else []) + [obj["colour"]] * with_colour + [obj["shape"]]
             text = " ".join(words)
             if article:
                 text = f"{_article(text)} {text}"
@@ -649,12 +654,13 @@ def build_dataset(name: str, image_size: int, split: str = "train", **kwargs) ->
 
 
 def build_datasets(spec: dict, image_size: int, seed: int = 0):
-    """(train dataset, {"recon": ..., "zero_shot": ..., "zero_shot_heldout": ...}) for a run's data spec.
+    """(train dataset, {"recon": ..., "zero_shot": ..., "zero_shot_heldout": ..., "probe_train": ...}) for a run.
 
     spec: {"name": one of DATASETS, "path": for folder / webdataset, "eval_images": test items (default 1024)}.
     shapes: the test split for reconstruction, its one-object version for zero-shot, and the held-out colour x
-    shape pairs; fashion-mnist: its test split for both; a folder: its own images for reconstruction (there is no
-    test split to take); webdataset: no evaluation sets (a stream has no fixed subset to come back to).
+    shape pairs, and 2 x eval_images one-object training-split scenes to fit the linear probe on; fashion-mnist:
+    its test split for both and its first 2 x eval_images training photos for the probe; a folder: its own images
+    for reconstruction (there is no test split to take); webdataset: no evaluation sets (a stream has no fixed subset to come back to).
     """
     name, path, n_eval = spec["name"], spec.get("path"), int(spec.get("eval_images") or 1024)
     kwargs = {"path": path} if path else {}
@@ -664,11 +670,15 @@ def build_datasets(spec: dict, image_size: int, seed: int = 0):
                  "zero_shot": build_dataset("shapes", image_size, split="test", seed=seed, length=n_eval,
                                             max_objects=1),
                  "zero_shot_heldout": build_dataset("shapes", image_size, split="heldout", seed=seed,
-                                                    length=n_eval)}
+                                                    length=n_eval),
+                 # the linear probe is fitted on training-split scenes (one object, as in the zero-shot set)
+                 "probe_train": build_dataset("shapes", image_size, split="train", seed=seed, length=2 * n_eval,
+                                              max_objects=1)}
     elif name == "fashion-mnist":
         train = build_dataset(name, image_size, split="train")
         test = build_dataset(name, image_size, split="test")
-        evals = {"recon": test, "zero_shot": test}
+        evals = {"recon": test, "zero_shot": test,
+                 "probe_train": torch.utils.data.Subset(train, range(min(len(train), 2 * n_eval)))}
     else:
         train = build_dataset(name, image_size, split="train", **kwargs)
         evals = {"recon": train} if not isinstance(train, torch.utils.data.IterableDataset) else {}

@@ -8,7 +8,10 @@
   whole set: `codebook_window_tokens`), image<->text retrieval recall with the set's captions, and FID when
   asked for ("proxy" = EfficientNet-Lite0 features, or a path to Inception-v3 weights for true rFID);
 - "zero_shot" / "zero_shot_heldout": zero-shot top-1 / top-5 for every task the dataset lists
-  (`dataset.zero_shot_tasks()`: class names x prompt templates).
+  (`dataset.zero_shot_tasks()`: class names x prompt templates);
+- "probe_train" (with "zero_shot"): a linear probe per task (`unitok.linear_probe`): logistic regression on the
+  frozen mean-pooled quantized tokens, fitted on "probe_train" and tested on "zero_shot" (and on
+  "zero_shot_heldout" for the headline task): `linear_probe_top1`, `linear_probe_<task>_top1`.
 The result names are the same as in the training log (`codebook_usage`, `dead_codes`, `perplexity`, ...).
 
 `make_summary` and `write_run_outputs` turn results into a run folder's summary.json, reconstructions.png and
@@ -31,6 +34,7 @@ from .config import ModelConfig
 from .data import make_grid_image
 from .fid import EfficientNetLite0Features, FIDAccumulator, InceptionFeatures
 from .image_metrics import psnr, ssim
+from .linear_probe import linear_probe, pooled_token_features
 from .model import UniTok
 from .runtime import eval_mode, model_device
 from .zero_shot import retrieval_recall, zero_shot_accuracy, zero_shot_classifier
@@ -87,6 +91,12 @@ def evaluate_model(model: UniTok, eval_data: Dict[str, Dataset], batch_size: int
             if ds is not None and hasattr(_unwrap(ds), "zero_shot_tasks"):
                 results.update(_zero_shot_metrics(model, _take(ds, max_images or 10 ** 9), batch_size, device,
                                                   suffix))
+        probe_train, test = eval_data.get("probe_train"), eval_data.get("zero_shot")
+        if probe_train is not None and test is not None and hasattr(_unwrap(test), "zero_shot_tasks"):
+            n = max_images or 10 ** 9
+            heldout = eval_data.get("zero_shot_heldout")
+            results.update(_linear_probe_metrics(model, _take(probe_train, 2 * n), _take(test, n),
+                                                 None if heldout is None else _take(heldout, n), batch_size, device))
     return results
 
 
@@ -149,6 +159,33 @@ def _zero_shot_metrics(model, ds, batch_size, device, suffix) -> dict:
     headline = next(iter(tasks))
     out[f"zero_shot_top1{suffix}"] = out[f"zero_shot_{headline}_top1{suffix}"]
     out[f"zero_shot_task{suffix}"] = headline
+    return out
+
+
+def _pooled_features(model, ds, batch_size, device, label_keys):
+    feats, labels = [], {key: [] for key in label_keys}
+    for batch in _loader(ds, batch_size):
+        feats.append(pooled_token_features(model, batch["image"].to(device)).float().cpu())
+        for key in label_keys:
+            labels[key].append(batch["labels"][key])
+    return torch.cat(feats), {key: torch.cat(v) for key, v in labels.items()}
+
+
+def _linear_probe_metrics(model, train_ds, test_ds, heldout_ds, batch_size, device) -> dict:
+    """Per zero-shot task: a logistic regression on the frozen pooled tokens of train_ds, scored on test_ds."""
+    tasks = _unwrap(test_ds).zero_shot_tasks()
+    keys = sorted({key for _, _, key in tasks.values()})
+    train_x, train_y = _pooled_features(model, train_ds, batch_size, device, keys)
+    test_x, test_y = _pooled_features(model, test_ds, batch_size, device, keys)
+    out: dict = {"linear_probe_train_images": len(train_x), "linear_probe_test_images": len(test_x)}
+    for name, (_, _, key) in tasks.items():
+        out[f"linear_probe_{name}_top1"] = linear_probe(train_x, train_y[key], test_x, test_y[key])["top1"]
+    headline = next(iter(tasks))
+    out["linear_probe_top1"] = out[f"linear_probe_{headline}_top1"]
+    if heldout_ds is not None:  # the headline classes on colour x shape pairs never seen in training
+        key = tasks[headline][2]
+        held_x, held_y = _pooled_features(model, heldout_ds, batch_size, device, [key])
+        out["linear_probe_top1_heldout"] = linear_probe(train_x, train_y[key], held_x, held_y[key])["top1"]
     return out
 
 

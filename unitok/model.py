@@ -161,13 +161,18 @@ class UniTok(nn.Module):
             entropy_temperature=cfg.entropy_temperature, dead_code_restart_every=cfg.dead_code_restart_every)
         self.post_quant_proj = _projection(cfg, cfg.latent_dim, cfg.width)
         self.decoder = vitamin.ViTaminDecoder(cfg) if cfg.decoder == "vitamin" else ViTDecoder(cfg)
+        if cfg.image_head_depth:  # absent at depth 0, so the reference's state dict is unchanged
+            # The pooled feature is a mean over tokens; blocks before the mean let the tokens of one object agree on
+            # what it is (a mean of local patches is a bag of edges, which separates shapes poorly).
+            self.image_blocks = _blocks(cfg, cfg.image_head_depth)
         self.fc_norm = nn.LayerNorm(cfg.width, eps=cfg.fc_norm_eps)
         self.projection = nn.Linear(cfg.width, cfg.embed_dim)
         self.text_encoder = TextTransformer(context_length=cfg.context_length, vocab_size=cfg.vocab_size,
                                             width=cfg.text_width, heads=cfg.text_heads, layers=cfg.text_layers,
                                             output_dim=cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
-        for part in (self.quant_proj, self.post_quant_proj, self.decoder, self.fc_norm, self.projection):
+        for part in (self.quant_proj, self.post_quant_proj, self.decoder, self.fc_norm, self.projection,
+                     getattr(self, "image_blocks", nn.Identity())):
             part.apply(_init_weights)
         if isinstance(self.encoder, ViTEncoder):
             self.encoder.blocks.apply(_init_weights)
@@ -277,6 +282,8 @@ class UniTok(nn.Module):
     # ------------------------------------------------------------------ CLIP side
     def image_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Up-projected quantized tokens (B, N, width) -> unit-norm image feature (B, E)."""
+        if self.config.image_head_depth:
+            tokens = self.image_blocks(tokens)
         return F.normalize(self.projection(self.fc_norm(tokens.mean(1))), dim=-1)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
