@@ -103,7 +103,10 @@ def read_reference(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, torch.Tens
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; expected the reference checkpoint {REFERENCE_FILE}")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # memory-mapped: the tensors are read when copied into the model, not all at once up front
+            blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a file in torch's legacy (non-zip) format cannot be mapped
+            blob = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # a Python object the safe unpickler refuses (it names the global)
         lines = str(e).strip().splitlines()
         detail = next((line.strip() for line in lines if "GLOBAL" in line or "Unsupported" in line),
