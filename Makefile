@@ -9,7 +9,7 @@ LAB_STAMP  := $(VENV)/.installed-lab
 LAB_EXTRAS := notebook
 PORT    ?= 8888
 
-.PHONY: venv test lab data clean bench checkpoint docs-notebooks
+.PHONY: venv test lab data clean bench checkpoint generator mllm docs-notebooks
 
 venv: $(STAMP)
 
@@ -61,12 +61,26 @@ docs-notebooks: $(LAB_STAMP)
 bench: venv
 	$(BIN)/python benchmarks/quantizer.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/generator.py
+	$(BIN)/python benchmarks/mllm.py
 
 # Re-create the bundled tiny checkpoint in data/tiny-shapes/: 1500 steps, about 12 minutes of training on a quiet
 # 2-core CPU (the bundled run took 1529 s, ~25 minutes, on a shared one: train_seconds in its summary.json).
 checkpoint: venv
 	$(BIN)/python -m unitok.cli train --preset tiny --data shapes --steps 1500 --out runs/tiny-shapes
 	$(BIN)/python -m unitok.cli export runs/tiny-shapes data/tiny-shapes
+
+# Re-create the bundled generator in data/tiny-generator/ from the bundled tokenizer's codes (600 steps; see
+# data/README.md for its time and scores).
+generator: venv
+	$(BIN)/python -m unitok.cli train-generator --tokenizer data/tiny-shapes --data shapes --out runs/tiny-generator --overwrite
+	$(BIN)/python -m unitok.generator_cli export runs/tiny-generator data/tiny-generator
+
+# Re-create the bundled unified model in data/tiny-mllm/ (reads and writes images through data/tiny-shapes' tokens;
+# the train-mllm defaults; see data/README.md for its time and scores).
+mllm: venv
+	$(BIN)/python -m unitok.cli train-mllm --tokenizer data/tiny-shapes --data shapes --out runs/tiny-mllm --overwrite
+	$(BIN)/python -m unitok.mllm_cli export runs/tiny-mllm data/tiny-mllm --overwrite
 
 clean:
 	rm -rf $(VENV) .pytest_cache

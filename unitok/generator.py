@@ -765,6 +765,7 @@ class TokenGenerator(nn.Module):
         model = cls(config)
         load_state_dict_checked(model, load_file(str(directory / "model.safetensors"), device="cpu"))
         model = model.to(map_location)
+        model.sampling = dict(meta.get("sampling", {}))   # the settings its trainer recommends (may be empty)
         if tokenizer is not None:
             model.attach_tokenizer(tokenizer)
             want = meta.get("tokenizer_sha256")

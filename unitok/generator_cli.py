@@ -156,7 +156,7 @@ def load_generator(directory, device: str = "cpu"):
 
 def recommended_sampling(directory: Path) -> dict:
     meta = json.loads((Path(directory) / "config.json").read_text())
-    return {**DEFAULT_SAMPLING, **meta.get("sampling", {})}
+    return {**DEFAULT_SAMPLING, **{k: v for k, v in meta.get("sampling", {}).items() if k in DEFAULT_SAMPLING}}
 
 
 def _generate(args) -> int:
@@ -210,3 +210,43 @@ def _generate(args) -> int:
     print(f"wrote {args.num} samples for {what} ({', '.join(f'{k}={v}' for k, v in sampling.items())}, "
           f"seed {args.seed}) -> {out}")
     return 0
+
+
+def export_generator(run, dest, overwrite: bool = True) -> Path:
+    """A run folder's best generator (lowest held-out NLL) -> `dest` as fp16 weights + config.json, with the
+    tokenizer path rewritten relative to `dest`, the recommended sampling settings and the run's summary."""
+    from .runs import atomic_write_text, staged_folder
+
+    run = Path(run)
+    generator, folder = load_generator(run)
+    meta = json.loads((folder / "config.json").read_text())
+    tokenizer_dir = (folder / meta["tokenizer"]).resolve() if meta.get("tokenizer") else None
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    dest = Path(dest)
+    with staged_folder(dest, overwrite=overwrite) as tmp:
+        generator.save_pretrained(tmp, tokenizer_path=tokenizer_dir, dtype=torch.float16,
+                                  extra={"sampling": {k: v for k, v in summary.get("sampling", DEFAULT_SAMPLING).items()
+                                                      if k in DEFAULT_SAMPLING},
+                                         "steps": meta.get("steps")})
+        meta_new = json.loads((tmp / "config.json").read_text())
+        if tokenizer_dir is not None:   # relative to the final folder, not the temporary one
+            import os
+            meta_new["tokenizer"] = os.path.relpath(tokenizer_dir, dest.resolve())
+            atomic_write_text(tmp / "config.json", json.dumps(meta_new, indent=2))
+        if summary:
+            atomic_write_text(tmp / "summary.json", json.dumps(summary, indent=2))
+    size = sum(f.stat().st_size for f in dest.iterdir()) / 1e6
+    print(f"exported {folder} -> {dest} (float16, {size:.1f} MB)")
+    return dest
+
+
+if __name__ == "__main__":   # python -m unitok.generator_cli export RUN DEST (what `make generator` runs)
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m unitok.generator_cli")
+    sub = ap.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="a train-generator run's best generator as a small fp16 folder")
+    e.add_argument("run")
+    e.add_argument("dest")
+    a = ap.parse_args()
+    export_generator(a.run, a.dest)

@@ -499,7 +499,7 @@ def load_shape_classifier(image_size: int = 32, cache_dir: Optional[Union[str, P
     from tqdm.auto import tqdm
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache / f"shape_classifier_{image_size}px_v1.pt"
+    path = cache / f"shape_classifier_{image_size}px_{steps}steps_v1.pt"   # a quick (smoke) one never replaces it
     model = ShapeClassifier()
     if path.is_file():
         state = read_torch(path, what="a cached shape classifier")
