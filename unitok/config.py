@@ -76,6 +76,11 @@ class ModelConfig:
     disc_cr_weight: float = 4.0       # consistency regularisation of the discriminator
 
     def __post_init__(self):
+        for name in ("conv_widths", "conv_depths", "decoder_conv_widths", "decoder_conv_depths"):
+            value = getattr(self, name)  # JSON gives lists, overrides give floats: one form, tuples of ints
+            if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and float(v).is_integer()
+                                                         for v in value):
+                setattr(self, name, tuple(int(v) for v in value))
         self.validate()
 
     def validate(self) -> None:
@@ -95,7 +100,8 @@ class ModelConfig:
         if self.projection.startswith("attn") and max(self.width, self.latent_dim) % min(self.width, self.latent_dim):
             problems.append(f"attn projection needs width {self.width} to be a multiple of latent_dim {self.latent_dim}")
         if self.projection not in ("attn", "linear", "attn_reference"):
-            problems.append(f"projection must be 'attn', 'linear' or 'attn_reference', got {self.projection!r}")
+            problems.append(f"projection must be 'attn' or 'linear' (or 'attn_reference', the released layout), "
+                            f"got {self.projection!r}")
         if self.mlp not in ("gelu", "geglu"):
             problems.append(f"mlp must be 'gelu' or 'geglu', got {self.mlp!r}")
         problems += _reference_layout_problems(self)
@@ -219,7 +225,8 @@ def _reference_layout_problems(cfg: "ModelConfig") -> list[str]:
                         f"{cfg.patch_size}")
     for name, n in (("conv_widths", 3), ("conv_depths", 2), ("decoder_conv_widths", 2), ("decoder_conv_depths", 2)):
         value = getattr(cfg, name)
-        if len(value) not in (0, n) or any(float(v) != int(v) or int(v) < 1 for v in value):
+        if not isinstance(value, (list, tuple)) or len(value) not in (0, n) or any(
+                not isinstance(v, (int, float)) or float(v) != int(v) or int(v) < 1 for v in value):
             problems.append(f"{name}={value!r} is not allowed; expected () or {n} positive integers")
     if cfg.lpips_weight and cfg.image_size < 48:
         problems.append(f"lpips_weight={cfg.lpips_weight} needs images of at least 48 px (VGG's receptive field), "
