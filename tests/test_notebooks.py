@@ -134,7 +134,7 @@ assert red_star.shape == (24, 8, 8, 8) and list(pairs.columns) == ["seen pairs",
 assert ((pairs >= 0) & (pairs <= 100)).all().all()
 """,
     "08_released_checkpoint": """
-assert path is None and "random" in source                       # smoke mode never loads the 2.4 GB file
+assert path is None and "random" in source                       # smoke mode never loads the multi-GB file
 assert cfg.encoder == "vitamin_large" and cfg.decoder == "vitamin" and cfg.projection == "attn_reference"
 assert images.shape == (N_IMAGES, 3, 256, 256) and float(images.min()) >= -1 and float(images.max()) <= 1
 assert codes.shape == (N_IMAGES, 16, 16, 8) and int(codes.max()) < 4096
