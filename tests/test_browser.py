@@ -7,6 +7,10 @@ re-drawn when a notebook is merely opened, so the cells are executed in the page
 Needs Debian's chromium (/usr/bin/chromium) and the PyPI package playwright (never `playwright install`: it
 downloads a browser). Without them the test is skipped, except under CI (env CI set), where it fails.
 
+A third test runs the ZeroShotPanel and the TokenGrid in a 1000 px wide window (about 850 px of output area) and
+checks their layout from the browser's own bounding boxes: no overlapping columns, nothing outside the output area,
+the Apply button on screen, and comma-separated class names giving one bar each.
+
 Artifacts: full-window screenshots in tests/artifacts/ (git-ignored). With UNITOK_UPDATE_SCREENSHOTS=1 (or when
 they are missing) they are also copied to docs/screenshots/quickstart.png and dashboard.png for the README.
 """
