@@ -70,10 +70,11 @@ checkpoint: venv
 	$(BIN)/python -m unitok.cli train --preset tiny --data shapes --steps 1500 --out runs/tiny-shapes
 	$(BIN)/python -m unitok.cli export runs/tiny-shapes data/tiny-shapes
 
-# Re-create the bundled generator in data/tiny-generator/ from the bundled tokenizer's codes (600 steps; see
+# Re-create the bundled generator in data/tiny-generator/ from the bundled tokenizer's codes (160 steps; see
 # data/README.md for its time and scores).
 generator: venv
-	$(BIN)/python -m unitok.cli train-generator --tokenizer data/tiny-shapes --data shapes --out runs/tiny-generator --overwrite
+	$(BIN)/python -m unitok.cli train-generator --tokenizer data/tiny-shapes --data shapes --out runs/tiny-generator --overwrite \
+		--steps 160 --set eval_every=80 --set checkpoint_every=40 --samples-per-prompt 4
 	$(BIN)/python -m unitok.generator_cli export runs/tiny-generator data/tiny-generator
 
 # Re-create the bundled unified model in data/tiny-mllm/ (reads and writes images through data/tiny-shapes' tokens;

@@ -268,8 +268,8 @@ def test_cli_contract_on_the_bundled_model(tmp_path, start_cli):
     runs = {
         "caption": start_cli("caption", a, b),
         "ask": start_cli("ask", a, "--question", "what colour is the shape?"),
-        "generate": start_cli("generate", "--mllm", "--prompt", "a red star", "--out", tmp_path / "star.png",
-                              "--seed", "1"),
+        "generate": start_cli("generate", "--mllm", "--prompt", "a red star", "--num", "2", "--out",
+                              tmp_path / "star.png", "--seed", "1"),
         "junk": start_cli("caption", junk),
         "missing": start_cli("ask", tmp_path / "nope.png", "--question", "what shape is it?"),
         "bad_dir": start_cli("caption", a, "--mllm", tmp_path),
@@ -284,12 +284,37 @@ def test_cli_contract_on_the_bundled_model(tmp_path, start_cli):
     assert ask.returncode == 0, ask.stderr
     (answer,) = [json.loads(line) for line in ask.stdout.splitlines()]
     assert answer["question"] == "what colour is the shape?" and answer["answer"]
-    gen = res["generate"]
-    if "invalid choice: 'generate'" not in gen.stderr:       # `generate` belongs to the generator's CLI
-        assert gen.returncode == 0, gen.stderr
-        assert (tmp_path / "star.png").exists()
+    gen = res["generate"]                                   # the generator's command and output contract
+    assert gen.returncode == 0, gen.stderr
+    assert "wrote 2 samples for prompt 'a red star'" in gen.stdout and (tmp_path / "star.png").exists()
     for key, pattern in (("junk", "junk.png is not a picture"), ("missing", "nope.png not found"),
                          ("bad_dir", "holds no unified model")):
         r = res[key]
         assert r.returncode == 2 and pattern in r.stderr and "Traceback" not in r.stderr, (key, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------- widget
+def test_unified_chat_widget(tok, text, scenes, tmp_path):
+    from unitok_widgets import UnifiedChat
+
+    model = small_model(tok, text)
+    pics = torch.rand(3, 3, 32, 32) * 2 - 1
+    chat = UnifiedChat(model, pics, index=1)
+    assert chat.codes.shape == (8, 8, 8) and chat.picture_image.value
+    answer, details = chat.ask("what shape is it?")
+    assert isinstance(answer, str) and all(0.0 <= p <= 1.0 for _, p in details)
+    chat.index.value = 2
+    assert torch.equal(chat.picture, pics[2])
+    codes = chat.draw("a blue heart")
+    assert codes.shape == (8, 8, 8) and chat.drawing_image.value
+    _picture(tmp_path / "up.png", 40, "L")
+    chat.show_upload((tmp_path / "up.png").read_bytes(), "up.png")
+    assert "40x40 L shown as 32x32 RGB" in chat.status.value
+    chat.show_upload(b"not a picture", "junk.png")
+    assert "junk.png is not a picture" in chat.status.value
+    chat.ask("what colour is the shape in this very long and winding question about it?")
+    assert "at most" in chat.status.value                 # a bad question is a message, not a crash
+    assert chat.static_figure() is not None
+    chat.close()
+    assert chat.closed

@@ -187,3 +187,40 @@ def add_mllm_commands(sub) -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="cpu")
         p.set_defaults(fn=fn)
+
+
+def export(run, dest, overwrite: bool = False) -> Path:
+    """A run's final (else best) weights -> a small fp16 model folder that finds its tokenizer on its own
+    (`make checkpoint-mllm` writes data/tiny-mllm this way), with the run's summary.json."""
+    import torch
+
+    from .runs import staged_folder
+
+    run, dest = Path(run), Path(dest)
+    model, folder = load_mllm_folder(run / "final" if (run / "final").is_dir() else run)
+    meta = getattr(model, "meta", {})
+    tok_path = (folder / meta["tokenizer"]).resolve() if meta.get("tokenizer") else None
+    with staged_folder(dest, overwrite=overwrite, source=run) as tmp:
+        extra = {k: v for k, v in meta.items() if k not in ("mllm", "tokenizer", "tokenizer_sha256")}
+        # relative to dest (not to the staging folder, a sibling of dest at the same depth)
+        model.save_pretrained(tmp, tokenizer_path=None, dtype=torch.float16, extra=extra)
+        config = json.loads((tmp / "config.json").read_text())
+        if tok_path is not None:
+            import os
+            config["tokenizer"] = os.path.relpath(tok_path, dest.resolve().parent / dest.name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if (run / "summary.json").exists():
+            (tmp / "summary.json").write_text((run / "summary.json").read_text())
+    return dest
+
+
+if __name__ == "__main__":   # python -m unitok.mllm_cli export RUN DEST [--overwrite]
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m unitok.mllm_cli")
+    ap.add_argument("action", choices=["export"])
+    ap.add_argument("run")
+    ap.add_argument("dest")
+    ap.add_argument("--overwrite", action="store_true")
+    a = ap.parse_args()
+    print(f"exported {a.run} -> {export(a.run, a.dest, a.overwrite)}")

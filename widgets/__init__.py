@@ -10,6 +10,7 @@ expression or passed to `display`), `static_figure()` (a matplotlib Figure of th
 rendered without a kernel) and `close()`. `notebook_setup()` is the notebooks' one-line set-up (modes, paths).
 The library (`unitok`) never imports this package.
 """
+from .chat import UnifiedChat
 from .codebook import CodebookUsage
 from .embeddings import TokenEmbeddingExplorer
 from .generation import GenerationExplorer
@@ -20,4 +21,4 @@ from .training import TrainingDashboard
 from .zero_shot import ZeroShotPanel
 
 __all__ = ["TrainingDashboard", "CodebookUsage", "ReconstructionViewer", "TokenEmbeddingExplorer", "TokenGrid",
-           "ZeroShotPanel", "GenerationExplorer", "Lab", "notebook_setup"]
+           "ZeroShotPanel", "GenerationExplorer", "UnifiedChat", "Lab", "notebook_setup"]
