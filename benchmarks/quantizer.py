@@ -1,16 +1,25 @@
 """Multi-codebook quantizer: forward + backward at the reference size, three implementations side by side.
 
-    python benchmarks/quantizer.py [--tokens 16384] [--repeats 7]
+    python benchmarks/quantizer.py [--tokens 16384] [--repeats 3] [--threads 1]
 
 Contenders, all in this one process on the same input (64 images x 256 tokens, 64-d, 8 sub-codebooks x 4096):
-  unitok   unitok.MultiCodebookQuantizer (one batched search over all sub-codebooks, cache-sized token blocks)
-  loop     a plain per-sub-codebook loop shaped like the reference implementation: chunk, normalise, squared
-           distance |z|^2 + |c|^2 - 2 z.c over all tokens at once, argmin, gather, losses, concatenate
+  unitok   unitok.MultiCodebookQuantizer: all sub-codebooks searched by one batched matmul over cache-sized
+           blocks of tokens, only the argmax kept.
+  loop     what the reference implementation does: one codebook module per sub-codebook, looped over in Python;
+           each normalises its chunk and its codes, takes argmax(z @ codes.T) over all tokens at once (a tokens x
+           4096 similarity per sub-codebook), gathers the codes, and adds the same two-term loss and
+           straight-through output as unitok.
   vqtorch  vector_quantize_pytorch.VectorQuantize(dim=64, codebook_size=4096, heads=8,
-           separate_codebook_per_head=True, codebook_dim=8, use_cosine_sim=True) when installed
-It prints median wall time and peak memory (the growth of peak RSS during one forward + backward, each contender
-in a fresh subprocess so they cannot share it) and the ratios.
-Absolute times on shared machines are noisy; the ratios are what to compare.
+           separate_codebook_per_head=True, codebook_dim=8, learnable_codebook=True, ema_update=False,
+           rotation_trick=False) when installed: codebooks learned by gradient (not EMA) with a plain
+           straight-through estimator, as in UniTok. How it still differs: the library refuses cosine similarity
+           with a learnable codebook, so it searches by Euclidean distance on unnormalised chunks and codes; and
+           its loss is one mse(quantized, input) term with gradients to both sides (weight 1) instead of
+           0.25 * commitment + 1 * codebook.
+It prints the fp32 matmul peak of this machine measured in the same run (every absolute time is only meaningful
+next to it: these machines differ by up to 3x from one day to the next), the median wall time of each contender,
+its peak memory (the growth of peak RSS during one forward + backward, each contender in a fresh subprocess so they
+cannot share it) and the ratios. A peak below one 4 KiB page is counted as one page (the resolution of RSS).
 """
 from __future__ import annotations
 
@@ -30,7 +39,7 @@ DIM, K_BOOKS, K_CODES = 64, 8, 4096
 
 
 class ReferenceLoopQuantizer(nn.Module):
-    """The reference's structure: one module per sub-codebook, looped over in Python."""
+    """The reference's algorithm: one module per sub-codebook, looped over in Python; cosine argmax per chunk."""
 
     def __init__(self, dim=DIM, num_codebooks=K_BOOKS, codebook_size=K_CODES, beta=0.25):
         super().__init__()
@@ -43,11 +52,10 @@ class ReferenceLoopQuantizer(nn.Module):
     def forward(self, z):
         outs, codes, losses = [], [], []
         for chunk, cb in zip(z.chunk(self.num_codebooks, dim=-1), self.codebooks):
-            flat = F.normalize(chunk.reshape(-1, chunk.shape[-1]), dim=-1)
-            emb = F.normalize(cb.weight, dim=-1)
-            dist = flat.pow(2).sum(1, keepdim=True) + emb.pow(2).sum(1) - 2 * flat @ emb.t()
-            idx = dist.argmin(dim=1)
-            z_q = emb[idx]
+            flat = F.normalize(chunk.reshape(-1, chunk.shape[-1]), dim=-1)     # (N, d) unit chunks
+            emb = F.normalize(cb.weight, dim=-1)                                 # (K, d) unit codes
+            idx = (flat @ emb.t()).argmax(dim=1)                                 # (N,) cosine argmax, (N, K) at once
+            z_q = F.embedding(idx, emb)
             losses.append(self.beta * F.mse_loss(z_q.detach(), flat) + F.mse_loss(z_q, flat.detach()))
             outs.append(flat + (z_q - flat).detach())
             codes.append(idx)
@@ -60,28 +68,51 @@ def build(name):
     if name == "unitok":
         from unitok.quantizer import MultiCodebookQuantizer
         q = MultiCodebookQuantizer(DIM, K_BOOKS, K_CODES)
-        return lambda z: q(z).z_q, q
+
+        def run(z):
+            out = q(z)
+            return out.z_q, out.loss
+
+        return run, q
     if name == "loop":
         q = ReferenceLoopQuantizer()
-        return lambda z: q(z)[0], q
+
+        def run(z):
+            z_q, _, loss = q(z)
+            return z_q, loss
+
+        return run, q
     if name == "vqtorch":
         from vector_quantize_pytorch import VectorQuantize
+        # Gradient-learned codebooks and a plain straight-through estimator, as UniTok trains; see the docstring
+        # for what still differs (Euclidean search, one symmetric loss term).
         q = VectorQuantize(dim=DIM, codebook_size=K_CODES, heads=K_BOOKS, separate_codebook_per_head=True,
-                           codebook_dim=DIM // K_BOOKS, use_cosine_sim=True)
+                           codebook_dim=DIM // K_BOOKS, learnable_codebook=True, ema_update=False,
+                           rotation_trick=False)
         q.train()
-        return lambda z: q(z)[0], q
+
+        def run(z):
+            z_q, _, loss = q(z)
+            return z_q, loss
+
+        return run, q
     raise ValueError(name)
 
 
+def _objective(fn, z):
+    z_q, loss = fn(z)
+    return z_q.square().mean() + loss.sum()
+
+
 def time_one(name, tokens, repeats):
-    """Median seconds of forward + backward (loss = sum of outputs + the quantizer's own loss)."""
+    """Median seconds of forward + backward (loss = mean square of the output + the quantizer's own loss, so the
+    codebooks get their gradients too)."""
     fn, _ = build(name)
     z = torch.randn(tokens // 256, 256, DIM, generator=torch.Generator().manual_seed(1), requires_grad=True)
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
-        out = fn(z)
-        (out.square().mean()).backward()
+        _objective(fn, z).backward()
         if i:  # the first call warms up allocators and lazy inits
             times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -95,19 +126,20 @@ def _status_kib(field):
 def _measure_peak(name, tokens):
     fn, _ = build(name)
     z = torch.randn(tokens // 256, 256, DIM, requires_grad=True)
-    fn(z).square().mean().backward()           # warm-up: lazy inits and allocator pools are not the algorithm
+    _objective(fn, z).backward()               # warm-up: lazy inits and allocator pools are not the algorithm
     z.grad = None
     with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak-RSS high-water mark to the current RSS
         f.write("5")
     base = _status_kib("VmRSS")
-    fn(z).square().mean().backward()
+    _objective(fn, z).backward()
     return (_status_kib("VmHWM") - base) / 1024
 
 
-def peak_memory(name, tokens):
+def peak_memory(name, tokens, threads):
     """Peak RSS growth (MiB) of one forward + backward, in a fresh interpreter so contenders don't share it."""
     code = f"""
 import sys, torch
+torch.set_num_threads({threads})
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import quantizer as b
 print(b._measure_peak({name!r}, {tokens}))
@@ -118,33 +150,52 @@ print(b._measure_peak({name!r}, {tokens}))
     return float(res.stdout.strip().splitlines()[-1])
 
 
+PAGE_MIB = 4 / 1024   # RSS is counted in 4 KiB pages: a smaller growth reads as 0
+
+
 def main(argv=None):
+    from train_throughput import matmul_peak   # the same measurement as the throughput benchmark
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=64 * 256)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per round (3 interleaved rounds)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="intra-op threads (default: torch's); 1 gives stable ratios on a machine shared with other "
+                         "work, where multi-threaded small kernels wait on each other")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = ["unitok", "loop"]
     try:
         import vector_quantize_pytorch  # noqa: F401
         names.append("vqtorch")
     except ImportError:
         print("vector_quantize_pytorch not installed: skipping that contender (pip install unitok[bench])")
+    cpu = torch.device("cpu")
+    peak_before = matmul_peak(cpu)
     print(f"forward+backward, {args.tokens} tokens x {DIM}-d, {K_BOOKS} x {K_CODES} codes, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
     # interleave contenders so drifting machine load hits all of them alike
     times = {n: [] for n in names}
-    for _ in range(3):
+    for round_ in range(3):
         for n in names:
             times[n].append(time_one(n, args.tokens, args.repeats))
-    results = {n: {"median_s": statistics.median(t), "peak_mib": peak_memory(n, args.tokens)} for n, t in times.items()}
+            print(f"  round {round_ + 1}/3  {n:8s} {times[n][-1] * 1e3:8.1f} ms", flush=True)
+    peak_after = matmul_peak(cpu)
+    print(f"fp32 matmul peak (2048^3, this process): {peak_before / 1e9:.0f} GFLOP/s before the timings, "
+          f"{peak_after / 1e9:.0f} GFLOP/s after")
+    results = {n: {"median_s": statistics.median(t),
+                   "peak_mib": max(peak_memory(n, args.tokens, torch.get_num_threads()), PAGE_MIB)}
+               for n, t in times.items()}
     for n, r in results.items():
         print(f"  {n:8s} median {r['median_s'] * 1e3:8.1f} ms   peak +{r['peak_mib']:7.1f} MiB")
     base = results["unitok"]
     for n in names[1:]:
         r = results[n]
-        print(f"unitok vs {n:8s}: {r['median_s'] / base['median_s']:.2f}x faster, "
-              f"peak memory {base['peak_mib'] / r['peak_mib']:.2f}x of {n}'s")
+        print(f"unitok vs {n:8s}: {r['median_s'] / base['median_s']:.3g}x faster, "
+              f"peak memory {base['peak_mib'] / r['peak_mib']:.3g}x of {n}'s")
+    results["matmul_peak_flops"] = {"before": peak_before, "after": peak_after}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
