@@ -295,6 +295,7 @@ def test_cli_contract_on_the_bundled_model(tmp_path, start_cli):
 
 
 # ---------------------------------------------------------------------------------------------------- widget
+@pytest.mark.slow
 def test_unified_chat_widget(tok, text, scenes, tmp_path):
     from unitok_widgets import UnifiedChat
 
@@ -318,3 +319,48 @@ def test_unified_chat_widget(tok, text, scenes, tmp_path):
     assert chat.static_figure() is not None
     chat.close()
     assert chat.closed
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+@needs_bundled
+def test_notebook_10_runs_in_smoke_mode(subprocess_env):
+    import nbclient
+    import nbformat
+
+    nb = nbformat.read(ROOT / "notebooks" / "10_one_model_both_directions.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")      # stored without outputs
+    nb.cells.append(nbformat.v4.new_code_cell(
+        "assert trainer.step_count == STEPS and len(trainer.history) == STEPS\n"
+        "assert 0.0 <= results['vqa_acc'] <= 1.0 and results['image_nll'] > 0\n"
+        "assert len(captions) == 8 and all(isinstance(c, str) for c in captions)\n"
+        "assert samples.shape[1:] == (8, 8, 8) and chat.last_answer is not None\n"
+        "print('checks passed')"))
+    import os
+    saved = {k: os.environ.get(k) for k in ("UNITOK_SMOKE", "OMP_NUM_THREADS")}
+    os.environ.update(UNITOK_SMOKE="1", OMP_NUM_THREADS="1")
+    try:
+        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    assert "checks passed" in "".join(o.get("text", "") for o in nb.cells[-1].outputs)
+
+
+# ---------------------------------------------------------------------------------------------------- roadmap
+def test_roadmap_study_plans_six_arms_on_five_tokenizers():
+    from unitok.ablate import Scale, parse_studies, plan
+    from unitok.mllm_roadmap import ROADMAP
+
+    assert "roadmap" not in parse_studies("all") and parse_studies("codebooks,roadmap") == ["codebooks", "roadmap"]
+    tasks = plan("roadmap", 1, Scale())
+    assert [t.setting for t in tasks] == list(ROADMAP)            # the paper's order
+    assert all(t.spec["kind"] == "mllm" for t in tasks)
+    keys = [t.spec["tokenizer_key"] for t in tasks]
+    assert keys[0] == keys[1] and len(set(keys)) == 5              # clip and +factorization share a tokenizer
+    tok = {t.setting: t.spec["tokenizer"]["model"] for t in tasks}
+    assert tok["+discretization"]["num_codebooks"] == 1 and tok["+discretization"]["codebook_size"] == 2048
+    assert tok["clip"]["l2_weight"] == 0.0 and tok["+reconstruction"]["l2_weight"] > 0
+    assert tok["+multi-codebook"]["projection"] == "linear" and tok["+attention projection"]["projection"] == "attn"
+    assert tasks[0].spec["mllm"] == {"image_input": "continuous", "continuous_source": "encoder"}

@@ -124,6 +124,16 @@ STUDIES: Dict[str, Study] = {s.name: s for s in (
 ORDER = tuple(STUDIES)
 
 
+def _add_roadmap() -> None:
+    """The unified-model roadmap (`unitok.mllm_roadmap`): run by name, not part of "all" (5 tokenizers + 6 models)."""
+    from .mllm_roadmap import roadmap_study
+
+    STUDIES["roadmap"] = roadmap_study(Study, Setting)
+
+
+_add_roadmap()
+
+
 def parse_studies(text: Union[str, Sequence[str]]) -> List[str]:
     """"codebooks", "codebooks,init" or "all" -> study names, in the canonical order."""
     names = text.split(",") if isinstance(text, str) else list(text)
@@ -134,7 +144,7 @@ def parse_studies(text: Union[str, Sequence[str]]) -> List[str]:
     if unknown or not names:
         raise ValueError(f"unknown study {', '.join(map(repr, unknown)) or 'name (none given)'}; expected one of "
                          f"{', '.join(ORDER)}, a comma-separated list of them, or 'all'")
-    return [n for n in ORDER if n in names]
+    return [n for n in ORDER if n in names] + [n for n in STUDIES if n not in ORDER and n in names]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,6 +176,10 @@ METRICS = (
     Metric("gen_prompt_accuracy", "samples showing the prompt's colour and shape"),
     Metric("gen_prompt_accuracy_heldout", "samples showing a held-out prompt"),
     Metric("gen_fid_proxy", "proxy FID of samples", False),
+    Metric("mllm_vqa_acc", "unified model VQA accuracy, seen pairs"),
+    Metric("mllm_vqa_acc_heldout", "unified model VQA accuracy, held-out pairs"),
+    Metric("mllm_caption_acc", "unified model caption attributes, seen pairs"),
+    Metric("mllm_caption_acc_heldout", "unified model caption attributes, held-out pairs"),
     Metric("pretrain_seconds", "CLIP pre-training seconds", False),
     Metric("train_seconds", "train seconds", False),
 )
@@ -302,7 +316,11 @@ def plan(studies: Union[str, Sequence[str]], seeds: Union[int, Sequence[int]], s
         for name in parse_studies(studies):
             study = STUDIES[name]
             for setting in study.settings:
-                spec = (generator_spec if study.kind == "generator" else tokenizer_spec)(scale, setting, seed)
+                if study.kind == "mllm":
+                    from .mllm_roadmap import mllm_spec as spec_fn
+                else:
+                    spec_fn = generator_spec if study.kind == "generator" else tokenizer_spec
+                spec = spec_fn(scale, setting, seed)
                 tasks.append(Task(name, setting.name, seed, spec, _hash(spec)))
     return tasks
 
@@ -521,7 +539,11 @@ def run_task(task: Task, out: Union[str, Path], threads: Optional[int] = None, l
     run_dir = out / task.run_dir
     done = _read_json(run_dir / "result.json")
     if done is None:
-        done = (_run_generator if task.spec["kind"] == "generator" else _run_tokenizer)(task, out, run_dir, log)
+        if task.spec["kind"] == "mllm":
+            from .mllm_roadmap import run_mllm_task as runner
+        else:
+            runner = _run_generator if task.spec["kind"] == "generator" else _run_tokenizer
+        done = runner(task, out, run_dir, log)
     return {**done, "study": task.study, "setting": task.setting, "seed": task.seed, "run": task.run_dir}
 
 
@@ -766,13 +788,14 @@ def run_ablation(studies: Union[str, Sequence[str]], seeds: Union[int, Sequence[
 
 def _execute(todo: List[Task], out: Path, jobs: int, results_path: Path, log: Callable) -> None:
     """Run the tasks (tokenizers before the generators that read their codes), sharing runs with equal keys."""
-    waves = [[t for t in todo if t.spec["kind"] == "tokenizer"], [t for t in todo if t.spec["kind"] == "generator"]]
+    waves = [[t for t in todo if t.spec["kind"] == "tokenizer"], [t for t in todo if t.spec["kind"] != "tokenizer"]]
     if waves[1]:  # generators need their tokenizers first; those may belong to no requested study
         needed = {t.spec["tokenizer_key"]: t for t in waves[1]}
         for key, t in needed.items():
             if key not in {w.key for w in waves[0]}:
-                waves[0].append(Task("codebooks", STUDIES["generation"].setting(t.setting).tokenizer, t.seed,
-                                     t.spec["tokenizer"], key))
+                label = (("codebooks", STUDIES["generation"].setting(t.setting).tokenizer)
+                         if t.spec["kind"] == "generator" else (t.study, f"{t.setting} (tokenizer)"))
+                waves[0].append(Task(*label, t.seed, t.spec["tokenizer"], key))
     total, count = len(todo), 0
     for wave in waves:
         by_key: Dict[str, List[Task]] = {}

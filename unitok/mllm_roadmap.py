@@ -1,0 +1,115 @@
+"""The paper's roadmap figure in miniature: the same unified model trained on six tokenizer variants.
+
+    unitok ablate roadmap --seeds 3 --steps 200      # 5 tokenizers + 6 unified models per seed -> runs/ablate
+    unitok ablate report runs/ablate                 # mean +- std per step of the roadmap, with error bars
+
+The paper's order (average VQA of its MLLM on each variant):
+
+| step | tokenizer | unified model reads | paper |
+| --- | --- | --- | --- |
+| `clip` | contrastive only (no pixel loss), 8 codebooks, attention projection | the encoder's full-width continuous tokens | 65.9 |
+| `+factorization` | the same model | its low-dimensional pre-quantization latent (through the causal up-projection) | 59.8 |
+| `+discretization` | contrastive only, **one** codebook (same number of code vectors) | codes via the codebook | 57.6 |
+| `+reconstruction` | one codebook, contrastive + reconstruction | codes via the codebook | 57.5 |
+| `+multi-codebook` | 8 codebooks, linear projection | codes via the codebook | 62.6 |
+| `+attention projection` | 8 codebooks, attention projection (the default) | codes via the codebook | 64.8 |
+
+Every arm trains understanding only (captions and questions, `t2i_weight=0`), so the VQA comparison gives every
+arm the same budget; the continuous arms could not draw anyway. Tokenizer runs are ordinary `unitok ablate` runs
+(shared with the other studies when their settings coincide); a unified-model run reads its tokenizer's `best/`
+weights. A record's metrics: `mllm_vqa_acc`, `mllm_caption_acc` (mean caption-attribute accuracy) and their
+`_heldout` versions on the held-out colour x shape pairs, and `train_seconds`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+# name -> (tokenizer overrides, unified-model overrides, the paper's average VQA)
+CONTRASTIVE_ONLY = {"l1_weight": 0.0, "l2_weight": 0.0}
+
+
+def _one_codebook(m):  # equal total code vectors: k x K constant
+    return m.num_codebooks * m.codebook_size
+
+
+ROADMAP = {
+    "clip": (dict(CONTRASTIVE_ONLY), {"image_input": "continuous", "continuous_source": "encoder"}, 65.9),
+    "+factorization": (dict(CONTRASTIVE_ONLY), {"image_input": "continuous", "continuous_source": "latent"}, 59.8),
+    "+discretization": ({**CONTRASTIVE_ONLY, "num_codebooks": 1, "codebook_size": _one_codebook},
+                        {"image_input": "codebook"}, 57.6),
+    "+reconstruction": ({"num_codebooks": 1, "codebook_size": _one_codebook}, {"image_input": "codebook"}, 57.5),
+    "+multi-codebook": ({"projection": "linear"}, {"image_input": "codebook"}, 62.6),
+    "+attention projection": ({}, {"image_input": "codebook"}, 64.8),
+}
+
+
+def roadmap_study(study_cls, setting_cls):
+    """The `roadmap` Study for `unitok.ablate` (its classes are passed in: this module must not import it first)."""
+    return study_cls(
+        "roadmap", "Which tokenizer design choices help a unified model read pictures (the paper's roadmap)?",
+        tuple(setting_cls(name, tok) for name, (tok, _, _) in ROADMAP.items()),
+        "average VQA: CLIP 65.9 -> factorization 59.8 -> discretization 57.6 -> reconstruction 57.5 -> "
+        "multi-codebook 62.6 -> attention projection 64.8", kind="mllm")
+
+
+def mllm_spec(scale, setting, seed: int) -> dict:
+    """Everything that determines one unified-model run: its tokenizer's spec (and key), the model overrides."""
+    from .ablate import _hash, tokenizer_spec
+
+    tok = tokenizer_spec(scale, setting, seed)
+    steps = scale.generator_steps or scale.steps
+    return {"kind": "mllm", "tokenizer": tok, "tokenizer_key": _hash(tok), "steps": steps, "seed": seed,
+            "mllm": dict(ROADMAP[setting.name][1]), "train_images": min(6000, max(2048, 32 * steps)),
+            "eval_images": min(scale.eval_images, 256)}
+
+
+def run_mllm_task(task, out: Path, run_dir: Path, log: Callable) -> dict:
+    """Train and measure the unified model of one roadmap cell on its (already trained) tokenizer."""
+    from .ablate import REFERENCE_PEAK_GFLOPS, _machine, git_revision, matmul_peak
+    from .mllm_train import MLLMTrainer
+    from .model import UniTok
+    from .runs import atomic_write_text
+    from .runtime import pick_device
+
+    spec = task.spec
+    tok_dir = out / "runs" / spec["tokenizer_key"] / "best"
+    if not (tok_dir / "model.safetensors").is_file():
+        raise ValueError(f"the tokenizer run {tok_dir.parent} has no weights; expected it to be trained first")
+    device = pick_device(spec["tokenizer"]["train"]["device"])
+    peak = matmul_peak(device=device)
+    start = time.perf_counter()
+    tokenizer = UniTok.from_pretrained(tok_dir, map_location=str(device))
+    overrides = [f"steps={spec['steps']}", f"seed={spec['seed']}", "eval_every=0", "t2i_weight=0",
+                 f"checkpoint_every={max(10, spec['steps'] // 3)}", f"train_images={spec['train_images']}",
+                 f"eval_images={spec['eval_images']}", f"device={spec['tokenizer']['train']['device']}",
+                 *[f"{k}={v}" for k, v in spec["mllm"].items()]]
+    trainer = MLLMTrainer.from_tokenizer(tokenizer, tok_dir, overrides=overrides, out_dir=run_dir, resume=True,
+                                         progress=False)
+    try:
+        trainer.run(progress=False)
+        trainer.save_checkpoint()
+        results = trainer.evaluate()
+        trainer.write_summary(results)
+    finally:
+        trainer.close()
+    metrics = {"train_seconds": round(trainer.train_seconds, 2)}
+    for split, suffix in (("test", ""), ("heldout", "_heldout")):
+        if f"vqa_acc_{split}" in results:
+            metrics[f"mllm_vqa_acc{suffix}"] = results[f"vqa_acc_{split}"]
+            metrics[f"mllm_caption_acc{suffix}"] = results[f"caption_mean_acc_{split}"]
+    log(f"roadmap {task.setting} seed {task.seed}: VQA {metrics.get('mllm_vqa_acc', float('nan')):.3f}")
+    record = {"kind": "mllm", "key": task.key, "metrics": metrics, "eval": results,
+              "train_seconds": round(trainer.train_seconds, 2), "wall_seconds": round(time.perf_counter() - start, 2),
+              "matmul_peak_gflops": round(peak, 1),
+              "peak_scaled_train_seconds": round(trainer.train_seconds * peak / REFERENCE_PEAK_GFLOPS, 2),
+              "config": {**spec, "mllm_config": dataclasses.asdict(trainer.model_config),
+                         "mllm_train": dataclasses.asdict(trainer.config)},
+              "paper_vqa": ROADMAP[task.setting][2],
+              "git": git_revision(), "machine": _machine(device), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_text(run_dir / "result.json", json.dumps(record, indent=2, default=float))
+    (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+    return record
