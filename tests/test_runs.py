@@ -205,7 +205,7 @@ def test_staged_folder_leaves_dest_untouched_on_error(tmp_path):
 # 3. Resume is honest
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, expected", [
-    (["--preset", "small"], "--preset small differs from the saved model in"),
+    (["--preset", "small"], "(from --preset small) (saved run: "),
     (["--data", "fashion-mnist"], "--data fashion-mnist (saved run: shapes)"),
     (["--set", "num_codebooks=2"], "num_codebooks=2 (saved run: 4)"),
     (["--set", "lr=1e-3"], "train.lr=0.001 (saved run: 0.0005"),
@@ -227,6 +227,13 @@ def test_resume_with_nothing_to_do_changes_nothing(finished_run, cli_call, steps
     assert code == 0, err
     assert "has already trained 24 steps" in out and "nothing to do" in out
     assert _digest(finished_run) == before and (finished_run / "config.json").stat().st_mtime_ns == mtime
+
+
+def test_resume_with_the_original_command_line_is_accepted(finished_run, cli_call, cli_run):
+    # the same --preset and --set overrides the run was started with are no conflict
+    code, out, err = cli_call(*cli_run.train_args, "--out", finished_run, "--resume")
+    assert code == 0, err
+    assert f"has already trained {cli_run.steps} steps" in out
 
 
 # ---------------------------------------------------------------------------------------------------------------

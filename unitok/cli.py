@@ -28,32 +28,33 @@ RESUMABLE_TRAIN_KEYS = {"steps", "eval_every", "eval_images", "checkpoint_every"
 
 
 def _resume_conflicts(saved: dict, args, overrides: list) -> list:
-    """Every way the command line disagrees with the run being resumed, as readable phrases."""
+    """Every way the command line disagrees with the run being resumed, as readable phrases.
+
+    What the command line asks for is the named `--preset` (or, without one, the saved run) with the `--set`
+    overrides applied; any model field, or training field outside RESUMABLE_TRAIN_KEYS, that then differs from the
+    saved run is a conflict.
+    """
     from .config import ModelConfig, TrainConfig, Preset, apply_overrides, from_dict, get_preset, to_dict
 
     conflicts = []
-    saved_model, saved_train = saved["model"], saved["train"]
-    if args.preset is not None:
-        preset_model = to_dict(get_preset(args.preset).model)
-        differ = [k for k in preset_model if k in saved_model and _plain(preset_model[k]) != _plain(saved_model[k])]
-        if differ:
-            conflicts.append(f"--preset {args.preset} differs from the saved model in " + ", ".join(
-                f"{k} ({preset_model[k]!r} vs saved {saved_model[k]!r})" for k in differ[:4])
-                + (f" and {len(differ) - 4} more" if len(differ) > 4 else ""))
     if args.data is not None and args.data != saved["data"].get("name"):
         conflicts.append(f"--data {args.data} (saved run: {saved['data'].get('name')})")
     if args.data_path is not None and str(args.data_path) != str(saved["data"].get("path")):
         conflicts.append(f"--data-path {args.data_path} (saved run: {saved['data'].get('path')})")
-    base = Preset(from_dict(ModelConfig, saved_model), from_dict(TrainConfig, saved_train))
-    changed = apply_overrides(base, overrides)
-    new_model, new_train = to_dict(changed.model), to_dict(changed.train)
-    for k, v in new_model.items():
-        if _plain(v) != _plain(saved_model.get(k)):  # tuples come back from JSON as lists
-            conflicts.append(f"{k}={v!r} (saved run: {saved_model.get(k)!r})")
-    for k, v in new_train.items():
-        if k not in RESUMABLE_TRAIN_KEYS and _plain(v) != _plain(saved_train.get(k)):
-            conflicts.append(f"train.{k}={v!r} (saved run: {saved_train.get(k)!r}; changing it would not resume "
-                             f"the same run)")
+    saved_preset = Preset(from_dict(ModelConfig, saved["model"], "the run's config.json"),
+                          from_dict(TrainConfig, saved["train"], "the run's config.json"))
+    saved_model, saved_train = to_dict(saved_preset.model), to_dict(saved_preset.train)
+    requested = apply_overrides(get_preset(args.preset) if args.preset else saved_preset, overrides)
+    source = f" (from --preset {args.preset})" if args.preset else ""
+    differ = [(k, v) for k, v in to_dict(requested.model).items() if _plain(v) != _plain(saved_model[k])]
+    for k, v in differ[:6]:
+        conflicts.append(f"{k}={v!r}{source} (saved run: {saved_model[k]!r})")
+    if len(differ) > 6:
+        conflicts.append(f"{len(differ) - 6} more model settings")
+    for k, v in to_dict(requested.train).items():
+        if k not in RESUMABLE_TRAIN_KEYS and _plain(v) != _plain(saved_train[k]):
+            conflicts.append(f"train.{k}={v!r}{source} (saved run: {saved_train[k]!r}; changing it would not "
+                             f"resume the same run)")
     return conflicts
 
 
@@ -320,7 +321,7 @@ def _user_errors() -> tuple:
             pickle.UnpicklingError, SafetensorError)
 
 
-def _one_line(error: BaseException, limit: int = 600) -> str:
+def _one_line(error: BaseException, limit: int = 4000) -> str:
     """An exception's message on one line (multi-line lists joined with "; "), shortened past `limit` chars."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = " ".join(lines[:1] + ["; ".join(lines[1:])]).strip() if lines else type(error).__name__
