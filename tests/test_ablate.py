@@ -205,3 +205,26 @@ def test_format_table_lists_only_metrics_present():
     header = [line for line in text.splitlines() if line.startswith("| setting")][0]
     assert "zero-shot of the pre-trained continuous CLIP" in header and "FID" not in header
     assert "| scratch | 20.00 ± – (1) | 0.300 ± – (1) | – |" in text
+
+
+@pytest.mark.slow
+def test_generation_study_smoke(tmp_path, tiny_overrides, fixed_peak, monkeypatch):
+    """Two tokenizers (k = 1 and k = 8 of the codebooks study) are trained first, then a generator on each one's
+    codes; the record holds the held-out NLL and the prompt accuracy of samples."""
+    from unitok import generator_train
+
+    original = generator_train.load_shape_classifier
+    monkeypatch.setattr(generator_train, "load_shape_classifier",   # a quick measuring CNN, cached in tmp_path
+                        lambda image_size, **kw: original(image_size, cache_dir=tmp_path / "cache", steps=5,
+                                                          progress=False))
+    monkeypatch.setattr(generator_train, "default_cache_dir", lambda: tmp_path / "cache")
+    records = run_ablation("generation", seeds=1, steps=2, out=tmp_path / "gen", overrides=tiny_overrides,
+                           fid="none", eval_images=16, device="cpu", log=lambda *_: None)
+    assert sorted(r["setting"] for r in records) == ["k=1", "k=8"]
+    for r in records:
+        m = r["metrics"]
+        assert m["gen_nll_bits"] > 0 and 0 <= m["gen_prompt_accuracy"] <= 1
+        assert r["config"]["generator"]["num_codebooks"] == int(r["setting"][2:])
+    # the tokenizers were trained as codebooks runs in the same folder, without results lines of their own
+    assert {r["study"] for r in load_results(tmp_path / "gen")} == {"generation"}
+    assert len(list((tmp_path / "gen" / "runs").iterdir())) == 4
