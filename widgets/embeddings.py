@@ -15,7 +15,6 @@ import warnings
 from typing import Optional
 
 import numpy as np
-import torch
 
 import ipywidgets as W
 import plotly.graph_objects as go
