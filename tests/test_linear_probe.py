@@ -1,5 +1,4 @@
-"""The linear probe (unitok.linear_probe), its place in evaluate_model, the image head's blocks and the captions
-that make shape the informative part of a caption."""
+"""The linear probe (unitok.linear_probe) and its place in evaluate_model."""
 import dataclasses
 
 import numpy as np
@@ -7,7 +6,7 @@ import pytest
 import torch
 
 from unitok import UniTok, get_preset
-from unitok.data import ShapesDataset, build_datasets
+from unitok.data import build_datasets
 from unitok.evaluate import evaluate_model
 from unitok.linear_probe import linear_probe, pooled_token_features
 
@@ -71,33 +70,3 @@ def test_evaluate_reports_the_probe_next_to_zero_shot(model):
     assert (results["linear_probe_train_images"], results["linear_probe_test_images"]) == (64, 32)
     # the probe set is not an evaluation image: a different split from the zero-shot test set
     assert not torch.equal(evals["probe_train"][0]["image"], evals["zero_shot"][0]["image"])
-
-
-def test_image_head_blocks_change_only_the_image_feature():
-    torch.manual_seed(0)
-    cfg = dataclasses.replace(get_preset("tiny").model, **SMALL)
-    plain = UniTok(cfg).eval()
-    torch.manual_seed(0)
-    headed = UniTok(dataclasses.replace(cfg, image_head_depth=1)).eval()
-    assert "image_blocks" not in dict(plain.named_children())               # the reference's state dict, unchanged
-    assert len(headed.image_blocks) == 1 and headed.num_parameters(by_part=True)["image_blocks"] > 0
-    headed.load_state_dict({**headed.state_dict(), **plain.state_dict()})    # same weights everywhere else
-    images = torch.rand(2, 3, 32, 32) * 2 - 1
-    torch.testing.assert_close(headed.reconstruct(images), plain.reconstruct(images))
-    f = headed.encode_image(images)
-    assert f.shape == (2, cfg.embed_dim) and torch.allclose(f.norm(dim=-1), torch.ones(2))
-    assert not torch.allclose(f, plain.encode_image(images))
-    with pytest.raises(ValueError, match="image_head_depth"):
-        dataclasses.replace(cfg, image_head_depth=-1)
-
-
-def test_some_captions_name_the_shape_without_its_colour():
-    ds = ShapesDataset(32, length=400)
-    without = 0
-    for i in range(len(ds)):
-        scene = ds.scene(i)
-        caption = scene["caption"]
-        for obj in scene["objects"]:
-            assert obj["shape"] in caption                                   # every caption names every shape
-        without += not any(o["colour"] in caption.split() for o in scene["objects"])
-    assert 0.4 < without / len(ds) < 0.6                                     # P_NO_COLOUR = 0.5

@@ -148,8 +148,8 @@ def test_paper_preset_on_meta():
 def test_num_parameters_counts_every_parameter_once(tiny):
     assert tiny.num_parameters() == sum(p.numel() for p in tiny.parameters())
     assert set(tiny.num_parameters(by_part=True)) == {
-        "encoder", "quant_proj", "quantizer", "post_quant_proj", "decoder", "fc_norm", "projection",
-        "text_encoder", "logit_scale"}
+        "encoder", "quant_proj", "quantizer", "post_quant_proj", "decoder", "image_blocks", "fc_norm", "projection",
+        "text_encoder", "logit_scale"}                                 # image_blocks: tiny's image-head block
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -492,7 +492,7 @@ def test_apply_overrides():
     assert new.model.num_codebooks == 4 and new.train.steps == 200 and isinstance(new.train.steps, int)
     assert new.train.lr == 1e-3 and new.model.projection == "linear" and new.train.betas == (0.9, 0.99)
     assert new.train.amp is False and new.model.encoder == "vit" and new.model.mlp_ratio == 2
-    assert preset.model.num_codebooks == 8 and preset.train.steps == TrainConfig().steps   # the input is unchanged
+    assert preset.model.num_codebooks == 8 and preset.train.steps == get_preset("tiny").train.steps  # unchanged
     assert apply_overrides(preset, {"model.codebook_size": 64, "seed": "3"}).model.codebook_size == 64
     assert apply_overrides(preset, {"seed": "3"}).train.seed == 3
     with pytest.raises(ValueError, match="unknown setting 'model.nonsense'"):

@@ -59,6 +59,9 @@ class ModelConfig:
     l2_weight: float = 1.0
     vq_weight: float = 1.0
     clip_weight: float = 1.0
+    # A hard negative per image: its own caption with the shape word swapped (datasets that provide
+    # "negative_caption", e.g. shapes); the term is a 2-way softmax, caption vs. swapped caption. 0 = off.
+    hard_negative_weight: float = 0.0
     # the reference layout (unitok.vitamin): ViTamin encoder, convolutional decoder, the reference's projections
     decoder: str = "vit"              # "vit" (blocks + per-token pixel head) or "vitamin" (blocks + conv upsampling)
     conv_widths: tuple = ()           # ViTamin encoder (stem, stage 1, stage 2) widths; () = the named size's
@@ -88,7 +91,8 @@ class ModelConfig:
             "image_size", "patch_size", "in_chans", "width", "num_heads", "latent_dim", "num_codebooks",
             "codebook_size", "embed_dim", "text_width", "text_layers", "text_heads", "context_length", "vocab_size"),
             non_negative=("encoder_depth", "decoder_depth", "image_head_depth", "mlp_ratio", "beta", "entropy_weight",
-                          "dead_code_restart_every", "l1_weight", "l2_weight", "vq_weight", "clip_weight"))
+                          "dead_code_restart_every", "l1_weight", "l2_weight", "vq_weight", "clip_weight",
+                          "hard_negative_weight"))
         if problems:  # the divisibility checks below would divide by zero
             raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(problems))
         if self.image_size % self.patch_size:
@@ -177,7 +181,10 @@ class Preset:
 
 
 def _tiny() -> Preset:
-    return Preset(ModelConfig(), TrainConfig())
+    # One transformer block in the image head: the CLIP feature then reads shapes, not a bag of local patches
+    # (docs/cpu_recipe.md). 1200 steps keep the CPU recipe within 10 minutes; evaluations at 300, 600, 900, 1200
+    # show understanding arrive.
+    return Preset(ModelConfig(image_head_depth=1, hard_negative_weight=1.0), TrainConfig(steps=1200, eval_every=300))
 
 
 def _small() -> Preset:
@@ -275,7 +282,8 @@ FIELDS_WITH_SAFE_DEFAULTS: dict[str, set[str]] = {
     # the reference layout and the perceptual/adversarial terms: their defaults are the toy layout, terms off
     "ModelConfig": {"decoder", "conv_widths", "conv_depths", "decoder_conv_widths", "decoder_conv_depths",
                     "fc_norm_eps", "lpips_weight", "gan_weight", "gan_start", "gan_warmup", "gan_adaptive_scale",
-                    "gan_adaptive_max", "disc_cr_weight", "image_head_depth"},
+                    "gan_adaptive_max", "disc_cr_weight", "image_head_depth",
+                    "hard_negative_weight"},
     "TrainConfig": {"disc_lr", "disc_betas", "disc_weight_decay", "disc_image_size", "lpips_weights",
                     "dino_weights"},
 }

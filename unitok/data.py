@@ -65,8 +65,10 @@ class ShapesDataset(torch.utils.data.Dataset):
     """Coloured shapes on plain backgrounds, rendered on the fly, deterministic from (seed, split, index).
 
     Each item: ``image`` (3, image_size, image_size) float32 in [-1, 1]; ``caption`` e.g. "a small red triangle on
-    the left, on a black background"; ``labels`` for the primary (first-mentioned) object: ``shape``, ``colour``,
-    ``size``, ``position``, ``background`` (indices into SHAPES, COLOURS, SIZES, POSITIONS, BACKGROUNDS),
+    the left, on a black background"; ``negative_caption``, the same with the primary object's shape swapped
+    ("a small red heart on the left, ...", a hard negative for training); ``labels`` for the primary
+    (first-mentioned) object: ``shape``, ``colour``, ``size``, ``position``, ``background`` (indices into SHAPES,
+    COLOURS, SIZES, POSITIONS, BACKGROUNDS),
     ``num_objects`` (1 or 2) and ``colour_shape`` (index into COLOUR_SHAPES, = colour * len(SHAPES) + shape).
 
     Splits: "train" and "test" never contain a held-out colour x shape pair (``heldout_pairs``) in any object;
@@ -243,6 +245,13 @@ class ShapesDataset(torch.utils.data.Dataset):
         objects = [dict(o, cx=o["cx"] * n, cy=o["cy"] * n, half=o["half"] * n) for o in scene["objects"]]  # -> px
         return render_scene(objects, scene["background_rgb"], n)
 
+    def negative_caption(self, index: int, caption: str, shape: str) -> str:
+        """The caption with its first mention of ``shape`` (the primary object's) swapped for another shape,
+        chosen deterministically from the index: a hard negative that only the shape tells apart."""
+        other = random.Random(f"unitok-shapes-negative/{self.seed}/{self.split}/{index}").choice(
+            [s for s in self.SHAPES if s != shape])
+        return re.sub(rf"\b{shape}\b", other, caption, count=1)
+
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)
         first = scene["objects"][0]
@@ -253,7 +262,8 @@ class ShapesDataset(torch.utils.data.Dataset):
             "background": self.BACKGROUNDS.index(scene["background"]),
             "num_objects": len(scene["objects"]), "colour_shape": colour * len(self.SHAPES) + shape,
         }
-        return {"image": torch.from_numpy(self.render(scene)), "caption": scene["caption"], "labels": labels}
+        return {"image": torch.from_numpy(self.render(scene)), "caption": scene["caption"], "labels": labels,
+                "negative_caption": self.negative_caption(index, scene["caption"], first["shape"])}
 
     def __repr__(self) -> str:
         return (f"ShapesDataset(image_size={self.image_size}, split={self.split!r}, length={self.length}, "
@@ -660,7 +670,8 @@ def build_datasets(spec: dict, image_size: int, seed: int = 0):
     shapes: the test split for reconstruction, its one-object version for zero-shot, and the held-out colour x
     shape pairs, and 2 x eval_images one-object training-split scenes to fit the linear probe on; fashion-mnist:
     its test split for both and its first 2 x eval_images training photos for the probe; a folder: its own images
-    for reconstruction (there is no test split to take); webdataset: no evaluation sets (a stream has no fixed subset to come back to).
+    for reconstruction (there is no test split to take); webdataset: no evaluation sets (a stream has no fixed
+    subset to come back to).
     """
     name, path, n_eval = spec["name"], spec.get("path"), int(spec.get("eval_images") or 1024)
     kwargs = {"path": path} if path else {}

@@ -3,8 +3,10 @@
     total = l1_weight * |x - x_hat|_1 + l2_weight * |x - x_hat|^2 + vq_weight * L_vq + clip_weight * L_clip
 
 (0.2, 1.0, 1.0, 1.0 in the reference; pixels in [-1, 1]). With lpips_weight > 0 the perceptual term
-lpips_weight * LPIPS-VGG(x_hat, x) joins (the full objective; the GAN term is `unitok.discriminator`). L_clip is open_clip's symmetric InfoNCE `ClipLoss`;
-under DDP it gathers features from every rank so the contrastive batch is the global batch.
+lpips_weight * LPIPS-VGG(x_hat, x) joins (the full objective; the GAN term is `unitok.discriminator`). L_clip is
+open_clip's symmetric InfoNCE `ClipLoss`; under DDP it gathers features from every rank so the contrastive batch
+is the global batch. With hard_negative_weight > 0 and texts = B captions + B hard negatives (each image's
+caption with its shape swapped), clip_weight * hard_negative_weight * L_hn joins (`hard_negative_loss`).
 """
 from __future__ import annotations
 
@@ -15,6 +17,18 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .model import UniTokOutput
+
+
+def hard_negative_loss(image: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+                       logit_scale: torch.Tensor) -> torch.Tensor:
+    """Mean over images of -log softmax(scale * [cos(image, caption), cos(image, swapped caption)])[0].
+
+    image, positive, negative: (B, E) unit-norm features; row i of `negative` is image i's own caption with one
+    word (the shape) swapped, so the only way to prefer the true caption is to see that word in the image.
+    Purely local (no gathering under DDP): each image meets only its own swapped caption.
+    """
+    logits = logit_scale * torch.stack([(image * positive).sum(-1), (image * negative).sum(-1)], dim=1)  # (B, 2)
+    return F.cross_entropy(logits, torch.zeros(len(image), dtype=torch.long, device=image.device))
 
 
 class UniTokLoss:
@@ -47,10 +61,15 @@ class UniTokLoss:
             self.perceptual.to(recon.device)
             terms["lpips"] = self.perceptual(recon, images).mean()
         if out.text_features is not None and cfg.clip_weight:
-            terms["clip"] = self.clip_loss(out.image_features.float(), out.text_features.float(), out.logit_scale)
+            image, text = out.image_features.float(), out.text_features.float()
+            B = image.shape[0]
+            negatives = text[B:]          # (B, E) when the trainer appended one hard-negative caption per image
+            terms["clip"] = self.clip_loss(image, text[:B], out.logit_scale)
+            if len(negatives):
+                terms["hard_negative"] = hard_negative_loss(image, text[:B], negatives, out.logit_scale)
         if out.entropy_loss is not None:
             terms["entropy"] = out.entropy_loss.detach()  # already inside vq_loss, weighted; logged for insight
         weights = {"l1": cfg.l1_weight, "l2": cfg.l2_weight, "vq": cfg.vq_weight, "clip": cfg.clip_weight,
-                   "lpips": cfg.lpips_weight}
+                   "lpips": cfg.lpips_weight, "hard_negative": cfg.clip_weight * cfg.hard_negative_weight}
         terms["total"] = sum(weights[name] * value for name, value in terms.items() if name in weights)
         return terms

@@ -276,6 +276,8 @@ class Trainer:
         batch = self._next_batch()
         images = batch["image"].to(self.device, non_blocking=True)
         texts = list(batch["caption"]) if self.model_config.clip_weight else None
+        if texts is not None and self.model_config.hard_negative_weight and "negative_caption" in batch:
+            texts += list(batch["negative_caption"])  # the loss reads rows B.. as one hard negative per image
         lr = lr_at(self.step_count, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
