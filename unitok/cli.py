@@ -1,6 +1,6 @@
 """Command line: `unitok train`, `unitok eval`, `unitok export`, `unitok convert`, `unitok presets`.
 
-    unitok train --preset tiny --data shapes --steps 1500 --out runs/tiny
+    unitok train --preset tiny --data shapes --out runs/tiny   # the CPU recipe (docs/cpu_recipe.md)
     unitok train --preset tiny --data folder --data-path my_images/captions.csv --out runs/mine --set lr=1e-3
     unitok train --out runs/tiny --resume                 # continue a killed run exactly where it stopped
     torchrun --nproc_per_node=2 -m unitok.cli train ...   # DDP (gloo on CPU, nccl on GPU)
