@@ -122,8 +122,8 @@ def notebook_setup(checkpoint: bool = False, seed: int = 0, quiet: bool = False)
 # Pre-run copies: execute the real notebooks in one mode and keep their outputs, for reading without a kernel.
 # ----------------------------------------------------------------------------------------------------------------
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
-WIDGET_NOTE = ("[an interactive widget was shown here: open this notebook in Jupyter and run it to use it; the "
-               "notebook draws a static picture of it further down]")
+WIDGET_NOTE = ("[a live widget was shown here (an interactive view or a progress bar): run the notebook in Jupyter "
+               "to use it; every view also has a static picture further down]")
 
 
 def strip_widget_views(nb) -> int:
