@@ -313,7 +313,7 @@ class DepthHead(nn.Module):
 @dataclass
 class MLLMOutput:
     loss: torch.Tensor                    # () text_loss + image_loss_weight * image_loss
-    text_loss: torch.Tensor               # () mean cross-entropy over target text tokens (nats), 0 if none
+    text_loss: torch.Tensor               # () mean over text tasks of each task's mean target-token CE (nats)
     image_loss: torch.Tensor              # () mean cross-entropy over target image sub-codes (nats), 0 if none
     text_logits: torch.Tensor             # (B, L, V): slot j predicts token j + 1
     image_logits: Optional[torch.Tensor]  # (B_t2i, N, k, K) for the items with an image target, else None
@@ -524,7 +524,8 @@ class UnifiedModel(nn.Module):
             text_targets[i, :len(t)] = torch.tensor(t)
         image = torch.stack([torch.as_tensor(it["image"]) for it in items])
         return {"tokens": tokens, "text_targets": text_targets, "image": image,
-                "image_start": torch.tensor(starts), "image_target": torch.tensor(is_t2i)}
+                "image_start": torch.tensor(starts), "image_target": torch.tensor(is_t2i),
+                "task": torch.tensor([TASKS.index(it["task"]) for it in items])}
 
     def _check_image_input(self, image: torch.Tensor) -> None:
         cfg = self.config
@@ -568,9 +569,20 @@ class UnifiedModel(nn.Module):
         self._check_image_input(image)
         h = self.backbone(self.embed_sequence(tokens, image, start))     # (B, L, D)
         logits = self.text_head(h)
-        n_text = int((targets != -100).sum())
-        text_loss = (F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-                     if n_text else logits.new_zeros(()))
+        mask = targets != -100
+        n_text = int(mask.sum())
+        text_loss = logits.new_zeros(())
+        if n_text:
+            # each text task weighs the same, whatever its length: a caption has ~15 target tokens, an answer ~2;
+            # a mean over all tokens would leave the answers a tenth of the gradient
+            ce = F.cross_entropy(logits.float()[mask], targets[mask], reduction="none")           # (n_text,)
+            task = batch.get("task")
+            if task is None:
+                text_loss = ce.mean()
+            else:
+                per_token_task = task.to(dev)[:, None].expand_as(targets)[mask]
+                means = [ce[per_token_task == t].mean() for t in per_token_task.unique()]
+                text_loss = torch.stack(means).mean()
         image_logits, image_loss, n_sub = None, logits.new_zeros(()), 0
         if cfg.can_generate and bool(is_t2i.any()):
             N, k, K = cfg.num_positions, cfg.num_codebooks, cfg.codebook_size

@@ -678,9 +678,10 @@ def evaluate_understanding(model: UnifiedModel, sset: SceneSet, max_images: Opti
                  for i in idx]
         items += [{"task": "vqa", "image": sset.image(i, continuous), "question": q, "answer": a}
                   for i in idx for (_, q, a) in eval_questions(recs[i], heldout_ok)[:1]]
-        out = model(model.build_batch(items))
-        text_nll += float(out.text_loss) * out.text_tokens
-        text_tok += out.text_tokens
+        for part in (items[:len(idx)], items[len(idx):]):    # one task per pass: a per-token mean
+            out = model(model.build_batch(part))
+            text_nll += float(out.text_loss) * out.text_tokens
+            text_tok += out.text_tokens
         if model.config.can_generate:
             items = [{"task": "t2i", "image": sset.image(i, continuous),
                       "caption": fit_prompt(model.text, model.config.caption_tokens, recs[i],
