@@ -49,7 +49,6 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 __all__ = ["STUDIES", "METRICS", "Setting", "Study", "Scale", "plan", "run_ablation", "load_results", "summarize",
            "format_table", "plot_study", "report", "pretrain_clip", "matmul_peak", "REFERENCE_PEAK_GFLOPS"]
@@ -374,14 +373,14 @@ def _machine(device: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # CLIP pre-training (the `init` study)
 # ---------------------------------------------------------------------------------------------------------------
-CLIP_PARTS = ("encoder", "fc_norm", "projection", "text_encoder", "logit_scale")
+CLIP_PARTS = ("encoder", "image_blocks", "fc_norm", "projection", "text_encoder", "logit_scale")
 
 
 class ContinuousCLIP(nn.Module):
     """A CLIP made of a UniTok's encoder, image head and text tower, *without* the quantizer and projections.
 
-    encode_image: images (B, 3, S, S) -> encoder tokens (B, N, width) -> mean -> fc_norm -> projection -> unit norm
-    (B, E); encode_text and tokenize are the UniTok's. This is the "CLIP" that `init` pre-trains; its weights
+    encode_image: images (B, 3, S, S) -> encoder tokens (B, N, width) -> the UniTok's own image head (its image
+    blocks if any, mean, fc_norm, projection, unit norm) -> (B, E); encode_text and tokenize are the UniTok's. This is the "CLIP" that `init` pre-trains; its weights
     (`CLIP_PARTS`) then initialise a tokenizer of the same configuration.
     """
 
@@ -390,8 +389,7 @@ class ContinuousCLIP(nn.Module):
         self.unitok = unitok_model
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        m = self.unitok
-        return F.normalize(m.projection(m.fc_norm(m.encoder(images).mean(1))), dim=-1)
+        return self.unitok.image_head(self.unitok.encoder(images))
 
     def encode_text(self, texts) -> torch.Tensor:
         return self.unitok.encode_text(texts)
