@@ -64,23 +64,23 @@ bench: venv
 	$(BIN)/python benchmarks/generator.py
 	$(BIN)/python benchmarks/mllm.py
 
-# Re-create the bundled tiny checkpoint in data/tiny-shapes/: 1500 steps, about 12 minutes of training on a quiet
-# 2-core CPU (the bundled run took 1529 s, ~25 minutes, on a shared one: train_seconds in its summary.json).
+# Re-create the bundled tiny checkpoint in data/tiny-shapes/ with the CPU recipe: the tiny preset as it is (its
+# own steps; docs/cpu_recipe.md). --overwrite moves an earlier runs/tiny-shapes and data/tiny-shapes aside.
 checkpoint: venv
-	$(BIN)/python -m unitok.cli train --preset tiny --data shapes --steps 1500 --out runs/tiny-shapes
-	$(BIN)/python -m unitok.cli export runs/tiny-shapes data/tiny-shapes
+	$(BIN)/python -m unitok.cli train --preset tiny --data shapes --out runs/tiny-shapes --overwrite
+	$(BIN)/python -m unitok.cli export runs/tiny-shapes data/tiny-shapes --overwrite
 
-# Re-create the bundled generator in data/tiny-generator/ from the bundled tokenizer's codes (160 steps; see
+# Re-create the bundled generator in data/tiny-generator/ from the bundled tokenizer's codes (110 steps; see
 # data/README.md for its time and scores).
 generator: venv
 	$(BIN)/python -m unitok.cli train-generator --tokenizer data/tiny-shapes --data shapes --out runs/tiny-generator --overwrite \
-		--steps 160 --set eval_every=80 --set checkpoint_every=40 --samples-per-prompt 4
+		--steps 110 --set lr=2e-3 --set eval_every=55 --set checkpoint_every=55 --samples-per-prompt 4
 	$(BIN)/python -m unitok.generator_cli export runs/tiny-generator data/tiny-generator
 
 # Re-create the bundled unified model in data/tiny-mllm/ (reads and writes images through data/tiny-shapes' tokens;
-# the train-mllm defaults; see data/README.md for its time and scores).
+# the train-mllm defaults but 150 steps; see data/README.md for its time and scores).
 mllm: venv
-	$(BIN)/python -m unitok.cli train-mllm --tokenizer data/tiny-shapes --data shapes --out runs/tiny-mllm --overwrite
+	$(BIN)/python -m unitok.cli train-mllm --tokenizer data/tiny-shapes --data shapes --out runs/tiny-mllm --steps 150 --overwrite
 	$(BIN)/python -m unitok.mllm_cli export runs/tiny-mllm data/tiny-mllm --overwrite
 
 clean:

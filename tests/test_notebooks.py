@@ -25,7 +25,8 @@ NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 OURS = ["00_quickstart", "01_train_step_by_step", "02_codebook_utilization", "03_reconstructions",
         "04_token_embeddings", "05_zero_shot_understanding", "06_bring_your_own_data", "07_generation",
-        "08_released_checkpoint", "11_straight_through_estimator", "12_attention_projection"]
+        "08_released_checkpoint", "09_paper_in_miniature", "11_straight_through_estimator",
+        "12_attention_projection"]
 
 # Run after the notebook, in its kernel (smoke mode). Each ends by printing "checks passed".
 CHECKS = {
@@ -154,6 +155,16 @@ assert (gradients["with STE"] > 0).all()
 assert (gradients["without STE, no VQ term"] == 0).all()
 assert (gradients["without STE (VQ term only)"] < gradients["with STE"]).all()
 assert len(toy) == TOY_STEPS and np.isfinite(toy.to_numpy()).all()
+""",
+    "09_paper_in_miniature": """
+assert {"codebooks", "projection"} <= set(summary.study) and len(records) >= 15
+assert all(r["seed"] in (0, 1, 2) and r["train_seconds"] > 0 for r in records)
+k = summary[(summary.study == "codebooks") & (summary.metric == "psnr")].set_index("setting")
+assert list(k.index) == ["k=1", "k=2", "k=4", "k=8"] and (k["n"] == 3).all()
+assert set(verdicts.verdict) and verdicts["n"].min() >= 2
+assert verdicts.set_index(["study", "metric"]).loc[("codebooks", "psnr"), "verdict"] == "holds"
+assert len(live_records) == 2 * LIVE_SEEDS and {r["setting"] for r in live_records} == {"attn", "linear"}
+assert (live_dir / "results.jsonl").is_file() and (live_dir / "report.md").is_file()
 """,
     "12_attention_projection": """
 assert all(t.step_count == STEPS for t in runs.values())

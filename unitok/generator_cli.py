@@ -65,7 +65,7 @@ def _train_generator(args) -> int:
                                   evaluate_samples, extract_codes, load_shape_classifier)
     from .generator import tokenizer_hash
     from .model import UniTok
-    from .runs import holds_run
+    from .runs import holds_run, prepare_run_folder
 
     out = Path(args.out)
     overrides = list(args.set or [])
@@ -91,6 +91,8 @@ def _train_generator(args) -> int:
     else:
         if args.resume:
             print(f"note: {out} has no run to resume; starting a new one", file=sys.stderr)
+        # refuse (or move aside) a run already there before the expensive code extraction
+        prepare_run_folder(out, resume=False, overwrite=args.overwrite, command="unitok train-generator")
         trainer = GeneratorTrainer.from_tokenizer(tokenizer, args.tokenizer, "shapes", args.preset, overrides,
                                                   out_dir=out, overwrite=args.overwrite)
     if trainer.step_count >= trainer.config.steps and resuming:

@@ -48,7 +48,7 @@ COMMAND = "unitok train-generator"
 @dataclass
 class GeneratorTrainConfig:
     batch_size: int = 64
-    steps: int = 600
+    steps: int = 300
     lr: float = 1e-3
     betas: tuple = (0.9, 0.95)
     weight_decay: float = 0.05
@@ -59,7 +59,7 @@ class GeneratorTrainConfig:
     seed: int = 0
     train_images: int = 10_000        # codes extracted once from this many training images
     eval_images: int = 512            # per held-out set (test split: seen pairs; heldout split: unseen pairs)
-    eval_every: int = 200
+    eval_every: int = 100
     checkpoint_every: int = 100
     log_every: int = 10
     device: str = "auto"
@@ -557,13 +557,12 @@ def pair_prompts(heldout: bool = False) -> List[tuple]:
 
 @torch.no_grad()
 def sample_pairs(generator: TokenGenerator, prompts: List[tuple], num: int, batch_prompts: int = 16,
-                 **sampling) -> tuple:
+                 seed: int = 0, **sampling) -> tuple:
     """Generate `num` samples per (prompt, colour, shape) -> (codes (P*num, H, W, k), images, colour, shape)."""
     codes, images = [], []
     for start in range(0, len(prompts), batch_prompts):
         chunk = prompts[start:start + batch_prompts]
-        c = generator.generate(prompts=[p for p, _, _ in chunk], num=num, seed=sampling.pop("seed", 0) + start,
-                               **sampling)
+        c = generator.generate(prompts=[p for p, _, _ in chunk], num=num, seed=seed + start, **sampling)
         codes.append(c.cpu())
         images.append(generator.decode(c).cpu())
     colour = torch.tensor([ci for _, ci, _ in prompts]).repeat_interleave(num)
