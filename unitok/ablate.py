@@ -407,8 +407,9 @@ def pretrain_clip(model_config, train_config, train_data, eval_data: Optional[di
                   device: Union[str, torch.device] = "cpu", progress: bool = False) -> dict:
     """Train a continuous CLIP (`ContinuousCLIP`) contrastively for `train_config.steps` steps on `train_data`.
 
-    The optimiser, learning-rate schedule, batch size, data order and gradient clipping are the tokenizer's
-    (`unitok.train`), so the only difference from a contrastive-only tokenizer is that nothing is quantized.
+    The optimiser, learning-rate schedule, batch size, data order, gradient clipping and contrastive terms (InfoNCE,
+    plus the hard-negative term when the config has one) are the tokenizer's (`unitok.train`, `unitok.losses`), so
+    the only difference from a contrastive-only tokenizer is that nothing is quantized.
     Returns {"state": weights of CLIP_PARTS, "seconds": training time, "zero_shot_top1"(+"_heldout"): the CLIP's own
     zero-shot accuracy on the evaluation sets when given}.
     """
@@ -417,6 +418,7 @@ def pretrain_clip(model_config, train_config, train_data, eval_data: Optional[di
     from torch.utils.data._utils.collate import default_collate
     from tqdm.auto import tqdm
 
+    from .losses import hard_negative_loss
     from .model import UniTok
     from .train import StepBatchSampler, lr_at, seed_everything
 
@@ -441,7 +443,11 @@ def pretrain_clip(model_config, train_config, train_data, eval_data: Optional[di
             group["lr"] = lr_at(step, train_config)
         images = batch["image"].to(device)
         scale = clip.unitok.logit_scale.clamp(max=model_config.logit_scale_max).exp()
-        loss = loss_fn(clip.encode_image(images), clip.encode_text(list(batch["caption"])), scale)
+        image, text = clip.encode_image(images), clip.encode_text(list(batch["caption"]))
+        loss = loss_fn(image, text, scale)
+        if model_config.hard_negative_weight and "negative_caption" in batch:   # the tokenizer's contrastive terms
+            negative = clip.encode_text(list(batch["negative_caption"]))
+            loss = loss + model_config.hard_negative_weight * hard_negative_loss(image, text, negative, scale)
         if not torch.isfinite(loss):
             raise RuntimeError(f"the CLIP pre-training loss became {float(loss)} at step {step + 1}")
         opt.zero_grad(set_to_none=True)
@@ -810,15 +816,17 @@ def _execute(todo: List[Task], out: Path, jobs: int, results_path: Path, log: Ca
                     log(f"[{count}/{total}] {t.study} {t.setting} seed {t.seed}: {_describe(line)} -> "
                         f"{out / t.run_dir}")
 
+        # runs already finished (shared with another study, or trained before a kill) are recorded first
+        order = sorted(by_key, key=lambda k: not (out / "runs" / k / "result.json").is_file())
         if jobs == 1:
-            for key, group in by_key.items():
-                finished(key, run_task(group[0], out, log=log))
+            for key in order:
+                finished(key, run_task(by_key[key][0], out, log=log))
             continue
         import multiprocessing as mp
 
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            pending = {pool.submit(run_task, group[0], out, threads, print): key for key, group in by_key.items()}
+            pending = {pool.submit(run_task, by_key[key][0], out, threads, print): key for key in order}
             try:
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
