@@ -297,7 +297,6 @@ def test_cli_contract_on_the_bundled_model(tmp_path, start_cli):
 
 
 # ---------------------------------------------------------------------------------------------------- widget
-@pytest.mark.slow
 def test_unified_chat_widget(tok, text, scenes, tmp_path):
     from unitok_widgets import UnifiedChat
 
