@@ -353,7 +353,7 @@ def test_zero_shot_panel_and_token_grid_fit_a_1000px_window(browser, lab):
             apply.click()
             _poll(page, lambda: "comma-separated" in panel.inner_text(), 60, "the panel to read three classes")
             labels = panel.locator(".js-plotly-plot .yaxislayer-above .ytick text")
-            _poll(page, lambda: sorted(labels.all_inner_texts()) == ["circle", "heart", "star"], 30,
+            _poll(page, lambda: sorted(t.strip() for t in labels.all_text_contents()) == ["circle", "heart", "star"], 30,
                   "one bar per class")
 
             grid = page.locator(".unitok-tokengrid").first

@@ -155,12 +155,15 @@ class ZeroShotPanel(View):
     def _build_widgets(self, scale: float, index: int) -> None:
         n = len(self.images)
         column = "260px"
+        # Text boxes a few px narrower than their column: ipywidgets adds a margin to a 100 % textarea, which would
+        # push its right edge past the column (cut off by the next column at narrow widths).
+        box_width = "252px"
         label = "<div style='font-size:12px;color:#444;margin:2px 0'>{}</div>"
         self.classes = W.Textarea(value="\n".join(self.classnames), rows=7, continuous_update=False,
                                   placeholder="circle\nsquare\n… (or: circle, square, …)",
-                                  layout=W.Layout(width="100%"))
+                                  layout=W.Layout(width=box_width))
         self.templates = W.Textarea(value="\n".join(self.template_list), rows=3, continuous_update=False,
-                                    layout=W.Layout(width="100%"))
+                                    layout=W.Layout(width=box_width))
         self.apply_button = W.Button(description="Apply", icon="refresh", button_style="primary",
                                      tooltip="read the class names and templates again",
                                      layout=W.Layout(width="100px"))
