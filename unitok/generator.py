@@ -116,7 +116,9 @@ class GeneratorConfig:
         With a tokenizer, the grid, codebooks and text sizes are taken from it (they must match it anyway).
         """
         presets = {
-            "tiny": dict(width=128, depth=4, num_heads=4, depth_width=128, depth_layers=1, depth_heads=4),
+            # the depth head runs on B*N*k = 64x more tokens than the spatial transformer: a narrow one keeps a
+            # training step cheap (it dominates the cost otherwise)
+            "tiny": dict(width=128, depth=4, num_heads=4, depth_width=64, depth_layers=1, depth_heads=2),
             "base": dict(grid_size=16, num_codebooks=8, codebook_size=4096, width=768, depth=12, num_heads=12,
                          depth_width=768, depth_layers=4, depth_heads=12, text_dim=512, text_width=512,
                          context_length=77),
