@@ -42,7 +42,13 @@ def measure(preset_name, batch, steps, device):
     preset = get_preset(preset_name)
     torch.manual_seed(0)
     model = unitok.UniTok(preset.model).to(device)
-    loss_fn = UniTokLoss(preset.model)
+    # The LPIPS term of base/paper costs the same with random VGG weights, and a benchmark must not need the file.
+    perceptual = None
+    if preset.model.lpips_weight:
+        from unitok.discriminator import build_lpips
+
+        perceptual = build_lpips("random")
+    loss_fn = UniTokLoss(preset.model, perceptual=perceptual)
     # fused, as the trainer runs it (unitok.train): on CPU the per-tensor loop took ~10 % of a tiny step
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-6,
                             fused=device.type in ("cuda", "cpu"))
