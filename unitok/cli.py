@@ -1,4 +1,5 @@
-"""Command line: `unitok train`, `unitok eval`, `unitok export`, `unitok convert`, `unitok presets`.
+"""Command line: `unitok train`, `eval`, `export`, `convert`, `presets`, `train-generator`, `generate`,
+`train-mllm`, `caption`, `ask`, `ablate`.
 
     unitok train --preset tiny --data shapes --out runs/tiny   # the CPU recipe (docs/cpu_recipe.md)
     unitok train --preset tiny --data folder --data-path my_images/captions.csv --out runs/mine --set lr=1e-3
@@ -7,6 +8,11 @@
     unitok eval runs/tiny                                 # re-evaluate the best checkpoint
     unitok export runs/tiny data/tiny-shapes              # the best weights as a small fp16 model folder
     unitok convert unitok_tokenizer.pth models/unitok     # the released UniTok as a model folder
+    unitok train-generator --tokenizer data/tiny-shapes --data shapes --out runs/gen   # a generator over its codes
+    unitok generate --prompt "a red star" --num 16 --seed 0 --out stars.png            # (the bundled generator)
+    unitok train-mllm --tokenizer data/tiny-shapes --data shapes --out runs/mllm      # the unified model
+    unitok caption picture.png ; unitok ask picture.png --question "what shape is it?"
+    unitok ablate codebooks --seeds 3 --out runs/ablate ; unitok ablate report runs/ablate
 
 Both `train` and `eval` write DIR/summary.json (steps, train_seconds, psnr, ssim, codebook_usage, zero_shot_top1,
 zero_shot_top1_heldout for shapes, ...), DIR/reconstructions.png and DIR/codebook_usage.png.
