@@ -157,12 +157,13 @@ assert (gradients["without STE (VQ term only)"] < gradients["with STE"]).all()
 assert len(toy) == TOY_STEPS and np.isfinite(toy.to_numpy()).all()
 """,
     "09_paper_in_miniature": """
-assert {"codebooks", "projection"} <= set(summary.study) and len(records) >= 15
-assert all(r["seed"] in (0, 1, 2) and r["train_seconds"] > 0 for r in records)
+assert {"codebooks", "projection"} <= set(summary.study) and len(records) >= 5
+assert all(r["seed"] in (0, 1, 2) and r["train_seconds"] > 0 and r["config"]["train"]["steps"] == 200
+           for r in records)
 k = summary[(summary.study == "codebooks") & (summary.metric == "psnr")].set_index("setting")
-assert list(k.index) == ["k=1", "k=2", "k=4", "k=8"] and (k["n"] == 3).all()
-assert set(verdicts.verdict) and verdicts["n"].min() >= 2
-assert verdicts.set_index(["study", "metric"]).loc[("codebooks", "psnr"), "verdict"] == "holds"
+assert {"k=1", "k=8"} <= set(k.index) and k.loc["k=8", "mean"] > k.loc["k=1", "mean"]
+assert len(verdicts) >= 4 and set(verdicts.study) >= {"codebooks", "projection"}
+assert all(v.startswith(("holds", "reversed", "not resolved", "does not hold")) for v in verdicts.verdict)
 assert len(live_records) == 2 * LIVE_SEEDS and {r["setting"] for r in live_records} == {"attn", "linear"}
 assert (live_dir / "results.jsonl").is_file() and (live_dir / "report.md").is_file()
 """,
