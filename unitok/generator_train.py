@@ -515,18 +515,20 @@ def load_shape_classifier(image_size: int = 32, cache_dir: Optional[Union[str, P
     y = {k: torch.cat([la[k], lb[k]]) for k in ("colour", "shape")}
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-    model.train()
-    for _ in tqdm(range(steps), desc="shape classifier", disable=not progress):
-        idx = torch.randint(0, len(x), (64,), generator=g)
-        xb_ = x[idx]
-        if torch.rand(1, generator=g).item() < 0.5:   # mirror: no shape here depends on left/right
-            xb_ = xb_.flip(-1)
-        out = model(xb_ + 0.03 * torch.randn(xb_.shape, generator=g))  # a little noise: samples are not pristine
-        loss = F.cross_entropy(out["colour"], y["colour"][idx]) + F.cross_entropy(out["shape"], y["shape"][idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+    # callers may hold torch.no_grad() (evaluate_samples does): training the classifier needs gradients
+    with torch.enable_grad():
+        model.train()
+        for _ in tqdm(range(steps), desc="shape classifier", disable=not progress):
+            idx = torch.randint(0, len(x), (64,), generator=g)
+            xb_ = x[idx]
+            if torch.rand(1, generator=g).item() < 0.5:   # mirror: no shape here depends on left/right
+                xb_ = xb_.flip(-1)
+            out = model(xb_ + 0.03 * torch.randn(xb_.shape, generator=g))  # a little noise: samples are not pristine
+            loss = F.cross_entropy(out["colour"], y["colour"][idx]) + F.cross_entropy(out["shape"], y["shape"][idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
     torch.set_rng_state(torch_state)
     accuracy = {}
     for split, n in (("test", 1000), ("heldout", 500)):
