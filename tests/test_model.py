@@ -460,7 +460,8 @@ def test_linear_projection():
     ({"projection": "conv"}, "projection must be 'attn' or 'linear'"),
     ({"mlp": "relu"}, "mlp must be 'gelu' or 'geglu'"),
     ({"text_width": 66}, "text_width 66 must be divisible by text_heads 4"),
-    ({"codebook_size": 0}, "codebook_size and num_codebooks must be positive"),
+    ({"codebook_size": 0}, "codebook_size=0 is not allowed; expected a number > 0"),
+    ({"num_heads": 0}, "num_heads=0 is not allowed"),   # named, not a ZeroDivisionError
 ])
 def test_config_validation(changes, pattern):
     with pytest.raises(ValueError, match=pattern):
