@@ -98,14 +98,18 @@ def test_training_improves_eval_psnr_and_keeps_codebooks_alive(trained):
 @pytest.mark.slow
 def test_history_is_a_dataframe_with_the_loss_terms(trained):
     pd = pytest.importorskip("pandas")
-    _, _, _, history = trained
+    trainer, _, _, history = trained
     assert isinstance(history, list) and all(isinstance(h, dict) for h in history)
     df = pd.DataFrame(history)
     assert {"step", "loss", "l1", "l2", "vq", "clip", "lr"} <= set(df.columns)
     assert df["step"].tolist() == list(range(1, TRAIN_STEPS + 1))
     assert df[list(LOSS_TERMS) + ["lr"]].notna().all().all()
-    # the total is the weighted sum of the terms (weights 0.2, 1, 1, 1)
-    np.testing.assert_allclose(df["loss"], 0.2 * df["l1"] + df["l2"] + df["vq"] + df["clip"], rtol=1e-5)
+    # the total is the weighted sum of the terms (weights 0.2, 1, 1, 1, and the hard negatives' when on)
+    cfg = trainer.model_config
+    expected = 0.2 * df["l1"] + df["l2"] + df["vq"] + df["clip"]
+    if cfg.hard_negative_weight:
+        expected = expected + cfg.hard_negative_weight * df["hard_negative"]
+    np.testing.assert_allclose(df["loss"], expected, rtol=1e-5)
 
 
 def test_lr_schedule_warmup_then_cosine_to_a_tenth():
