@@ -37,3 +37,11 @@ def test_throughput_benchmark_prints_peak_ratio():
     assert "matmul peak" in out and "images/s" in out
     fractions = re.findall(r"(\S+) x matmul peak", out)
     assert fractions and all(math.isfinite(float(f)) and float(f) > 0 for f in fractions), out
+
+
+def test_image_pool_probe_prints_an_accuracy_per_pooling():
+    out = run("benchmarks/image_pool.py", "--steps", "2", "--pools", "mean", "max")
+    rows = re.findall(r"^(tokenizer|small CNN), (\w+) pool .*step 2: (\S+)", out, re.M)
+    assert [(kind, pool) for kind, pool, _ in rows] == [("tokenizer", "mean"), ("tokenizer", "max"),
+                                                        ("small CNN", "max"), ("small CNN", "mean")], out
+    assert all(0.0 <= float(acc) <= 1.0 for _, _, acc in rows), out

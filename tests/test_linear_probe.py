@@ -1,4 +1,5 @@
 """The linear probe (unitok.linear_probe) and its place in evaluate_model."""
+import copy
 import dataclasses
 
 import numpy as np
@@ -49,13 +50,16 @@ def test_probe_refuses_mismatched_inputs(args, match):
         linear_probe(*args)
 
 
-def test_pooled_token_features_are_the_mean_of_the_up_projected_codes(model):
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_pooled_token_features_pool_the_up_projected_codes_as_the_image_head_does(model, pool):
+    model = copy.deepcopy(model)
+    model.config = dataclasses.replace(model.config, image_pool=pool)
     images = torch.rand(3, 3, 32, 32) * 2 - 1
     feats = pooled_token_features(model, images)
     assert feats.shape == (3, model.config.width)
     codes = model.encode(images).flatten(1, 2)
-    expected = model.post_quant_proj(model.quantizer.lookup(codes)).mean(1)
-    torch.testing.assert_close(feats, expected)
+    tokens = model.post_quant_proj(model.quantizer.lookup(codes))
+    torch.testing.assert_close(feats, tokens.mean(1) if pool == "mean" else tokens.max(1).values)
 
 
 def test_evaluate_reports_the_probe_next_to_zero_shot(model):

@@ -34,6 +34,33 @@ def test_image_head_blocks_change_only_the_image_feature():
         dataclasses.replace(cfg, image_head_depth=-1)
 
 
+def test_max_pooling_changes_only_the_image_feature_and_adds_no_weights():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(get_preset("tiny").model, **SMALL, image_pool="mean")
+    mean_model = UniTok(cfg).eval()
+    max_model = UniTok(dataclasses.replace(cfg, image_pool="max")).eval()
+    max_model.load_state_dict(mean_model.state_dict())                      # same keys and shapes: strict load
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(max_model.reconstruct(images), mean_model.reconstruct(images))
+    tokens = torch.randn(2, cfg.num_tokens, cfg.width)
+    tokens[0, 5, :] = 50.0                                                  # one strong token dominates the max
+    expected = F.normalize(max_model.projection(max_model.fc_norm(
+        max_model.image_blocks(tokens).max(1).values)), dim=-1)
+    torch.testing.assert_close(max_model.image_head(tokens), expected)
+    assert not torch.allclose(max_model.image_head(tokens), mean_model.image_head(tokens))
+    with pytest.raises(ValueError, match="image_pool"):
+        dataclasses.replace(cfg, image_pool="sum")
+
+
+def test_a_saved_config_without_image_pool_loads_as_the_mean():
+    from unitok.config import ModelConfig, from_dict
+
+    values = dataclasses.asdict(dataclasses.replace(get_preset("tiny").model, **SMALL))
+    del values["image_pool"]
+    assert from_dict(ModelConfig, values).image_pool == "mean"              # older bundled models compute the same
+    assert get_preset("tiny").model.image_pool == "max"
+
+
 def test_some_captions_name_the_shape_without_its_colour():
     ds = ShapesDataset(32, length=400)
     without = 0

@@ -7,7 +7,8 @@ multinomial logistic regression (scikit-learn) on a *training* split and report 
     >>> linear_probe(train_feats, train_labels, test_feats, test_labels)
     {'top1': 0.97, 'train_top1': 0.99, 'num_train': 2048, 'num_test': 1024, 'num_classes': 8}
 
-What `unitok.evaluate` probes: the mean over tokens of the up-projected *quantized* tokens (`post_quant_proj` of
+What `unitok.evaluate` probes: the up-projected *quantized* tokens pooled over the grid with the model's own
+pooling (`ModelConfig.image_pool`: the mean, as in the reference, or the max) (`post_quant_proj` of
 the codes' embeddings): the representation the decoder and the CLIP image head both read, before any
 text-alignment layer. The probe is fitted on single-object scenes of the shapes *training* split (the tokenizer's
 training distribution, never an evaluation image) and tested on the zero-shot test images.
@@ -24,9 +25,10 @@ __all__ = ["pooled_token_features", "linear_probe"]
 
 @torch.no_grad()
 def pooled_token_features(model, images: torch.Tensor) -> torch.Tensor:
-    """images (B, 3, S, S) in [-1, 1] -> (B, width): mean over tokens of the up-projected quantized tokens."""
-    codes = model.quantize(images).codes                                   # (B, N, k)
-    return model.post_quant_proj(model.quantizer.lookup(codes)).mean(1)     # (B, width)
+    """images (B, 3, S, S) in [-1, 1] -> (B, width): the up-projected quantized tokens, pooled over the grid as the
+    model's image head pools them (mean or max)."""
+    codes = model.quantize(images).codes                                             # (B, N, k)
+    return model.pool_tokens(model.post_quant_proj(model.quantizer.lookup(codes)))    # (B, width)
 
 
 def linear_probe(train_features, train_labels, test_features, test_labels, max_iter: int = 1000,
