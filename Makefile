@@ -70,17 +70,17 @@ checkpoint: venv
 	$(BIN)/python -m unitok.cli train --preset tiny --data shapes --out runs/tiny-shapes --overwrite
 	$(BIN)/python -m unitok.cli export runs/tiny-shapes data/tiny-shapes --overwrite
 
-# Re-create the bundled generator in data/tiny-generator/ from the bundled tokenizer's codes (110 steps; see
-# data/README.md for its time and scores).
+# Re-create the bundled generator in data/tiny-generator/ from the bundled tokenizer's codes (the train-generator
+# defaults: 800 steps, about 10 minutes on one core; see data/README.md for its time and scores).
 generator: venv
-	$(BIN)/python -m unitok.cli train-generator --tokenizer data/tiny-shapes --data shapes --out runs/tiny-generator --overwrite \
-		--steps 110 --set lr=2e-3 --set eval_every=55 --set checkpoint_every=55 --samples-per-prompt 4
-	$(BIN)/python -m unitok.generator_cli export runs/tiny-generator data/tiny-generator
+	OMP_NUM_THREADS=1 $(BIN)/python -m unitok.cli train-generator --tokenizer data/tiny-shapes --data shapes \
+		--out runs/tiny-generator --overwrite
+	$(BIN)/python -m unitok.generator_cli export runs/tiny-generator data/tiny-generator --overwrite
 
 # Re-create the bundled unified model in data/tiny-mllm/ (reads and writes images through data/tiny-shapes' tokens;
-# the train-mllm defaults but 150 steps; see data/README.md for its time and scores).
+# the train-mllm defaults: 3000 steps, under 20 minutes on one core; see data/README.md for its time and scores).
 mllm: venv
-	$(BIN)/python -m unitok.cli train-mllm --tokenizer data/tiny-shapes --data shapes --out runs/tiny-mllm --steps 150 --overwrite
+	OMP_NUM_THREADS=1 $(BIN)/python -m unitok.cli train-mllm --tokenizer data/tiny-shapes --data shapes --out runs/tiny-mllm --overwrite
 	$(BIN)/python -m unitok.mllm_cli export runs/tiny-mllm data/tiny-mllm --overwrite
 
 clean:
