@@ -71,7 +71,7 @@ checkpoint: venv
 	$(BIN)/python -m unitok.cli export runs/tiny-shapes data/tiny-shapes --overwrite
 
 # Re-create the bundled generator in data/tiny-generator/ from the bundled tokenizer's codes (the train-generator
-# defaults: 800 steps, about 10 minutes on one core; see data/README.md for its time and scores).
+# defaults: 500 steps, about 9 minutes on one core; see data/README.md for its time and scores).
 generator: venv
 	OMP_NUM_THREADS=1 $(BIN)/python -m unitok.cli train-generator --tokenizer data/tiny-shapes --data shapes \
 		--out runs/tiny-generator --overwrite

@@ -98,11 +98,12 @@ def test_classifier_starts_at_zero_so_the_first_loss_is_ln_K(tokenizer):
 
 
 # ------------------------------------------------------------------------------------------------ sampling
-@pytest.mark.parametrize("head", ["depth", "parallel"])
-def test_kv_cache_sampling_equals_full_recompute(head, tokenizer):
+@pytest.mark.parametrize("head, image_input", [("depth", "embedding"), ("parallel", "embedding"),
+                                               ("depth", "codebook")])
+def test_kv_cache_sampling_equals_full_recompute(head, image_input, tokenizer):
     torch.manual_seed(0)
-    gen = _randomise_head(TokenGenerator(GeneratorConfig.preset("tiny", tokenizer=tokenizer, head=head, **SMALL),
-                                         tokenizer))
+    gen = _randomise_head(TokenGenerator(GeneratorConfig.preset("tiny", tokenizer=tokenizer, head=head,
+                                                                image_input=image_input, **SMALL), tokenizer))
     kw = dict(prompts=["a red star", "a green circle"], num=2, temperature=0.9, top_k=40, top_p=0.95,
               cfg_scale=2.5, seed=5)
     cached = gen.generate(**kw)
@@ -114,6 +115,45 @@ def test_kv_cache_sampling_equals_full_recompute(head, tokenizer):
     for a, b in zip(steps_c, steps_r):
         assert torch.equal(a.codes, b.codes)
         assert torch.allclose(a.probs, b.probs, atol=1e-5) and torch.allclose(a.entropy, b.entropy, atol=1e-4)
+
+
+def test_codebook_input_starts_from_the_tokenizer_and_stays_causal(tokenizer):
+    torch.manual_seed(0)
+    cfg = GeneratorConfig.preset("tiny", tokenizer=tokenizer, image_input="codebook", **SMALL)
+    gen = _randomise_head(TokenGenerator(cfg, tokenizer))
+    assert not hasattr(gen, "code_embed")
+    torch.testing.assert_close(gen.codebooks, tokenizer.quantizer.normalized_codebooks())
+    for name, value in tokenizer.post_quant_proj.state_dict().items():
+        torch.testing.assert_close(gen.post_quant_proj.state_dict()[name], value)
+    torch.manual_seed(3)
+    codes = torch.randint(0, cfg.codebook_size, (2, 8, 8, 8))
+    embedded = gen.embed_codes(codes.view(2, 64, 8))
+    changed = codes.clone().view(2, 64, 8)
+    changed[:, 20] = (changed[:, 20] + 1) % cfg.codebook_size
+    after = gen.embed_codes(changed)
+    assert torch.allclose(embedded[:, :20], after[:, :20], atol=1e-6)       # earlier inputs never see position 20
+    assert not torch.allclose(embedded[:, 20:], after[:, 20:])
+    # a saved generator's own copies are what it uses after loading, with no tokenizer at construction
+    reloaded = TokenGenerator(cfg)
+    reloaded.load_state_dict(gen.state_dict())
+    torch.testing.assert_close(reloaded.eval().embed_codes(codes.view(2, 64, 8)), embedded)
+
+
+def test_codebook_initialised_tables_keep_the_codebooks_geometry(tokenizer):
+    torch.manual_seed(0)
+    cfg = GeneratorConfig.preset("tiny", tokenizer=tokenizer, embed_init="codebook", **SMALL)
+    gen = TokenGenerator(cfg, tokenizer)
+    books = tokenizer.quantizer.normalized_codebooks()                         # (k, K, d)
+    K = cfg.codebook_size
+    table = gen.code_embed.weight[:K]                                          # sub-codebook 0's rows
+    cos_codes = (books[0] @ books[0].T).flatten()
+    cos_rows = torch.nn.functional.normalize(table, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
+    assert torch.corrcoef(torch.stack([cos_codes, cos_rows.flatten()]))[0, 1] > 0.8
+    torch.manual_seed(0)
+    plain = TokenGenerator(GeneratorConfig.preset("tiny", tokenizer=tokenizer, embed_init="random", **SMALL),
+                           tokenizer).code_embed.weight[:K]
+    cos_plain = torch.nn.functional.normalize(plain, dim=-1) @ torch.nn.functional.normalize(plain, dim=-1).T
+    assert abs(torch.corrcoef(torch.stack([cos_codes, cos_plain.flatten()]))[0, 1]) < 0.2
 
 
 def test_sampling_is_deterministic_for_a_seed_and_varies_across_seeds(text_gen):

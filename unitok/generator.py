@@ -69,6 +69,16 @@ class GeneratorConfig:
     depth_width: int = 128
     depth_layers: int = 1
     depth_heads: int = 4
+    # image input: "embedding" (the reference's sum of k learned sub-code embeddings) or "codebook" (the Liquid way,
+    # as in unitok.mllm: codes -> the tokenizer's own unit-norm code vectors -> its post_quant_proj made causal ->
+    # a small MLP), which hands the model the tokenizer's geometry of the codes instead of 2048 random rows
+    image_input: str = "embedding"
+    latent_dim: int = 32              # tokenizer latent (codebook mode)
+    tokenizer_width: int = 128        # tokenizer width after post_quant_proj (codebook mode)
+    projection: str = "attn"          # the tokenizer's projection kind (codebook mode)
+    # "codebook": sub-code embeddings start as random linear maps of the tokenizer's own (unit-norm) code vectors,
+    # so codes that are close in the codebook start close; "random": trunc-normal tables (see `init_from_tokenizer`)
+    embed_init: str = "codebook"
     # conditioning
     condition: str = "text_tokens"    # "text_tokens", "text" or "class"
     num_classes: int = 64
@@ -96,6 +106,13 @@ class GeneratorConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.label_dropout < 1.0:
             problems.append(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
+        if self.image_input not in ("embedding", "codebook"):
+            problems.append(f"image_input must be 'embedding' or 'codebook', got {self.image_input!r}")
+        if self.image_input == "codebook" and self.projection not in ("attn", "linear"):
+            problems.append(f"image_input='codebook' needs an 'attn' or 'linear' tokenizer projection, got "
+                            f"{self.projection!r}")
+        if self.embed_init not in ("codebook", "random"):
+            problems.append(f"embed_init must be 'codebook' or 'random', got {self.embed_init!r}")
         if self.class_names and len(self.class_names) != self.num_classes:
             problems.append(f"class_names has {len(self.class_names)} names but num_classes={self.num_classes}")
         if problems:
@@ -116,9 +133,10 @@ class GeneratorConfig:
         With a tokenizer, the grid, codebooks and text sizes are taken from it (they must match it anyway).
         """
         presets = {
-            # the depth head runs on B*N*k = 64x more tokens than the spatial transformer: a narrow one keeps a
-            # training step cheap (it dominates the cost otherwise)
-            "tiny": dict(width=128, depth=4, num_heads=4, depth_width=64, depth_layers=1, depth_heads=2),
+            # the depth head runs on B*N*k = 64x more tokens than the spatial transformer, so its width sets the
+            # step cost; but it alone models how the k sub-codes of a token fit together, and a 64-wide head drew
+            # incoherent patches (docs/generation.md): 128 wide costs 1.5x per step and learns far faster
+            "tiny": dict(width=128, depth=4, num_heads=4, depth_width=128, depth_layers=1, depth_heads=4),
             "base": dict(grid_size=16, num_codebooks=8, codebook_size=4096, width=768, depth=12, num_heads=12,
                          depth_width=768, depth_layers=4, depth_heads=12, text_dim=512, text_width=512,
                          context_length=77),
@@ -136,7 +154,8 @@ def tokenizer_fields(tokenizer) -> dict:
     """The GeneratorConfig fields a tokenizer fixes: grid, codebooks and the text tower's sizes."""
     c = tokenizer.config
     return dict(grid_size=c.grid_size, num_codebooks=c.num_codebooks, codebook_size=c.codebook_size,
-                text_dim=c.embed_dim, text_width=c.text_width, context_length=c.context_length)
+                text_dim=c.embed_dim, text_width=c.text_width, context_length=c.context_length,
+                latent_dim=c.latent_dim, tokenizer_width=c.width, projection=c.projection)
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -255,9 +274,19 @@ class TokenGenerator(nn.Module):
         config.validate()
         self.config = cfg = config
         k, K, D = cfg.num_codebooks, cfg.codebook_size, cfg.width
-        # input: one table of K rows per sub-codebook, stored as one (k*K, D) table indexed with offsets
-        self.code_embed = nn.Embedding(k * K, D)
-        self.register_buffer("code_offsets", torch.arange(k) * K, persistent=False)
+        if cfg.image_input == "embedding":
+            # input: one table of K rows per sub-codebook, stored as one (k*K, D) table indexed with offsets
+            self.code_embed = nn.Embedding(k * K, D)
+            self.register_buffer("code_offsets", torch.arange(k) * K, persistent=False)
+        else:
+            # a copy of the tokenizer's unit-norm codebooks (k, K, d) and of its post_quant_proj, made causal so a
+            # position's input never sees later positions; both are filled from the tokenizer at construction
+            from .projection import build_projection
+
+            self.register_buffer("codebooks", torch.zeros(k, K, cfg.latent_dim // k))
+            self.post_quant_proj = build_projection(cfg.projection, cfg.latent_dim, cfg.tokenizer_width, causal=True)
+            self.projector = nn.Sequential(nn.LayerNorm(cfg.tokenizer_width, eps=1e-6),
+                                           nn.Linear(cfg.tokenizer_width, D), nn.GELU(), nn.Linear(D, D))
         self.row_embed = nn.Parameter(torch.zeros(cfg.grid_size, D))
         self.col_embed = nn.Parameter(torch.zeros(cfg.grid_size, D))
         # condition prefix
@@ -281,6 +310,8 @@ class TokenGenerator(nn.Module):
             self.classifier = nn.Linear(D, k * K)   # k independent heads in one matrix
         self._init_weights()
         self._tokenizer = [tokenizer]   # a list, so the frozen tokenizer is not registered as a submodule
+        if tokenizer is not None:
+            self.init_from_tokenizer(tokenizer)
 
     def _init_weights(self):
         for m in self.modules():
@@ -295,6 +326,41 @@ class TokenGenerator(nn.Module):
         # the reference zero-initialises the classifier: every sub-code starts at the uniform ln K loss
         nn.init.zeros_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
+
+    @torch.no_grad()
+    def init_from_tokenizer(self, tokenizer, std: float = 0.02, noise: float = 0.005) -> None:
+        """Fill what comes from the tokenizer (codebook mode: its codebooks and post_quant_proj), and with
+        embed_init="codebook" start every sub-code embedding table from its codebooks.
+
+        Row j of sub-codebook i's table becomes c_ij @ R_i + noise, with c_ij the unit-norm code vector (d,) and R_i a
+        random (d, width) map with N(0, std^2) entries: the same scale as a random table, but codes that the
+        tokenizer placed near each other start near each other, so the model does not have to discover from
+        co-occurrence alone which of the K codes mean similar patches. The sum over the k sub-codes of a position
+        is then a random linear map of the token's whole quantized latent: still exactly "one embedding per
+        sub-codebook, summed". Applied to the input tables and to the depth head's tables.
+        """
+        cfg = self.config
+        codebooks = tokenizer.quantizer.normalized_codebooks().detach().float().cpu()   # (k, K, d)
+        k, K, d = codebooks.shape
+        if (k, K) != (cfg.num_codebooks, cfg.codebook_size):
+            raise ValueError(f"the tokenizer has {k} x {K} codes but the generator expects "
+                             f"{cfg.num_codebooks} x {cfg.codebook_size}")
+
+        def mapped(table: nn.Embedding, books: torch.Tensor) -> None:
+            width = table.weight.shape[1]
+            rows = torch.einsum("ikd,idw->ikw", books, torch.randn(len(books), d, width) * std)
+            rows = rows.reshape(-1, width) + torch.randn(len(books) * K, width) * noise
+            table.weight.copy_(rows.to(table.weight))
+
+        if cfg.image_input == "codebook":
+            self.codebooks.copy_(codebooks.to(self.codebooks))
+            self.post_quant_proj.load_state_dict(tokenizer.post_quant_proj.state_dict())
+        if cfg.embed_init != "codebook":
+            return
+        if cfg.image_input == "embedding":
+            mapped(self.code_embed, codebooks)
+        if cfg.head == "depth" and k > 1:
+            mapped(self.depth_embed, codebooks[:-1])      # table i embeds sub-code i (0..k-2)
 
     # ------------------------------------------------------------------ tokenizer link
     @property
@@ -436,8 +502,13 @@ class TokenGenerator(nn.Module):
 
     # ------------------------------------------------------------------ pieces of the forward pass
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, T, k) -> (B, T, D): the sum of the k sub-code embeddings of each position."""
-        return self.code_embed(codes + self.code_offsets).sum(-2)
+        """(B, T, k) -> (B, T, D): the sum of the k sub-code embeddings of each position ("embedding"), or the
+        projected code vectors ("codebook"; causal: position t depends on positions <= t only)."""
+        if self.config.image_input == "embedding":
+            return self.code_embed(codes + self.code_offsets).sum(-2)
+        k = self.config.num_codebooks
+        z = self.codebooks[torch.arange(k, device=codes.device), codes.long()]     # (B, T, k, d)
+        return self.projector(self.post_quant_proj(z.flatten(-2)))
 
     def pos_embed(self, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
         """(end - start, D) learned 2D embeddings of row-major positions start..end-1."""
@@ -612,7 +683,11 @@ class TokenGenerator(nn.Module):
                 elif t == first_n:   # prefill: the prefix and the kept positions in one pass
                     h = self.spatial(self._spatial_inputs(prefix, flat[:, :t].repeat(reps, 1, 1)), cache)[:, -1]
                 else:                # one new slot: emb(codes[t-1]) + pos(t)
-                    x = self.embed_codes(flat[:, t - 1:t].repeat(reps, 1, 1)) + self.pos_embed(t, t + 1)
+                    if cfg.image_input == "embedding":   # a position's input is its own codes only
+                        x = self.embed_codes(flat[:, t - 1:t].repeat(reps, 1, 1))
+                    else:   # the causal projection reads the positions before it too: recompute, keep the last
+                        x = self.embed_codes(flat[:, :t].repeat(reps, 1, 1))[:, -1:]
+                    x = x + self.pos_embed(t, t + 1)
                     h = self.spatial(x, cache)[:, -1]
                 c, p, e = self._sample_position(h, u[:, t], B, guided, settings, use_cache)
                 flat[:, t] = c

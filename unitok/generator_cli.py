@@ -250,5 +250,7 @@ if __name__ == "__main__":   # python -m unitok.generator_cli export RUN DEST (w
     e = sub.add_parser("export", help="a train-generator run's best generator as a small fp16 folder")
     e.add_argument("run")
     e.add_argument("dest")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty DEST (its old contents are moved aside, not deleted)")
     a = ap.parse_args()
-    export_generator(a.run, a.dest)
+    export_generator(a.run, a.dest, overwrite=a.overwrite)

@@ -48,7 +48,7 @@ COMMAND = "unitok train-generator"
 @dataclass
 class GeneratorTrainConfig:
     batch_size: int = 64
-    steps: int = 300
+    steps: int = 500                  # about 9 minutes on one core of a 2-core machine (docs/generation.md)
     lr: float = 1e-3
     betas: tuple = (0.9, 0.95)
     weight_decay: float = 0.05
