@@ -158,7 +158,8 @@ assert len(toy) == TOY_STEPS and np.isfinite(toy.to_numpy()).all()
 """,
     "09_paper_in_miniature": """
 assert {"codebooks", "projection"} <= set(summary.study) and len(records) >= 5
-assert all(r["seed"] in (0, 1, 2) and r["train_seconds"] > 0 and r["config"]["train"]["steps"] == 200
+assert all(r["seed"] in (0, 1, 2) and r["train_seconds"] > 0
+           and (r["config"]["steps"] if r["study"] == "generation" else r["config"]["train"]["steps"]) == 200
            for r in records)
 k = summary[(summary.study == "codebooks") & (summary.metric == "psnr")].set_index("setting")
 assert {"k=1", "k=8"} <= set(k.index) and k.loc["k=8", "mean"] > k.loc["k=1", "mean"]
