@@ -24,6 +24,8 @@ from unitok import cli
 from unitok.runs import RunFolderError, RunLock, claim_run_folder, holds_run, staged_folder
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
 def _digest(folder: Path) -> dict:
     """{relative path: sha256} of every file under `folder`: equal digests = nothing was touched."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -384,3 +386,20 @@ def test_skipped_inputs_are_counted_by_reason_and_listed(tmp_path, cli_call, tin
     assert f"the full list is in {run / 'skipped.txt'}" in err
     listed = (run / "skipped.txt").read_text().splitlines()
     assert len(listed) == 3 and any(line.startswith(str(folder / "gone.png")) for line in listed)
+
+
+@pytest.mark.parametrize("module, run", [("unitok.generator_cli", str(ROOT / "data" / "tiny-generator")),
+                                         ("unitok.mllm_cli", str(ROOT / "data" / "tiny-mllm"))])
+def test_module_export_refuses_a_non_empty_folder_in_one_line(tmp_path, module, run):
+    import subprocess
+    import sys
+
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+    for source in (run, str(tmp_path / "no-such-run")):
+        res = subprocess.run([sys.executable, "-m", module, "export", source, str(dest)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=240)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and "error:" in res.stderr
+    assert [p.name for p in dest.iterdir()] == ["keep.txt"] and (dest / "keep.txt").read_text() == "mine"

@@ -334,6 +334,19 @@ def _one_line(error: BaseException, limit: int = 4000) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def run_reporting_errors(prog: str, fn, debug: bool = False) -> int:
+    """Run fn() for a `python -m unitok.<module>` entry point with the CLI's rule: a user error is one line on
+    stderr and exit 2, not a traceback (debug=True re-raises)."""
+    try:
+        fn()
+        return 0
+    except _user_errors() as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
 def main(argv=None) -> int:
     import unitok  # noqa: F401  (applies the torchvision fix before anything imports timm/open_clip)
 

@@ -252,5 +252,9 @@ if __name__ == "__main__":   # python -m unitok.generator_cli export RUN DEST (w
     e.add_argument("dest")
     e.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty DEST (its old contents are moved aside, not deleted)")
+    e.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = ap.parse_args()
-    export_generator(a.run, a.dest, overwrite=a.overwrite)
+    from .cli import run_reporting_errors
+
+    sys.exit(run_reporting_errors("python -m unitok.generator_cli export",
+                                  lambda: export_generator(a.run, a.dest, overwrite=a.overwrite), a.debug))

@@ -222,5 +222,9 @@ if __name__ == "__main__":   # python -m unitok.mllm_cli export RUN DEST [--over
     ap.add_argument("run")
     ap.add_argument("dest")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = ap.parse_args()
-    print(f"exported {a.run} -> {export(a.run, a.dest, a.overwrite)}")
+    from .cli import run_reporting_errors
+
+    sys.exit(run_reporting_errors("python -m unitok.mllm_cli export",
+                                  lambda: print(f"exported {a.run} -> {export(a.run, a.dest, a.overwrite)}"), a.debug))
