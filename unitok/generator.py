@@ -158,6 +158,19 @@ def tokenizer_fields(tokenizer) -> dict:
                 latent_dim=c.latent_dim, tokenizer_width=c.width, projection=c.projection)
 
 
+def image_projector(in_dim: int, width: int) -> nn.Sequential:
+    """Liquid's projector from the tokenizer's up-projected tokens into a model: LayerNorm -> Linear -> GELU ->
+    Linear, (..., in_dim) -> (..., width). Shared by the generator's and the unified model's codebook input."""
+    return nn.Sequential(nn.LayerNorm(in_dim, eps=1e-6), nn.Linear(in_dim, width), nn.GELU(), nn.Linear(width, width))
+
+
+def code_vectors(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """codebooks (k, K, d) unit-norm, codes (..., k) -> the quantized latent (..., k * d), as the tokenizer's
+    `quantizer.lookup` gives it, from a copy of its codebooks."""
+    k = codebooks.shape[0]
+    return codebooks[torch.arange(k, device=codes.device), codes.long()].flatten(-2)
+
+
 def tokenizer_hash(tokenizer) -> str:
     """sha256 over the tokenizer's state dict (names, shapes, dtypes, bytes): changes whenever its weights do."""
     h = hashlib.sha256()
@@ -285,8 +298,7 @@ class TokenGenerator(nn.Module):
 
             self.register_buffer("codebooks", torch.zeros(k, K, cfg.latent_dim // k))
             self.post_quant_proj = build_projection(cfg.projection, cfg.latent_dim, cfg.tokenizer_width, causal=True)
-            self.projector = nn.Sequential(nn.LayerNorm(cfg.tokenizer_width, eps=1e-6),
-                                           nn.Linear(cfg.tokenizer_width, D), nn.GELU(), nn.Linear(D, D))
+            self.projector = image_projector(cfg.tokenizer_width, D)
         self.row_embed = nn.Parameter(torch.zeros(cfg.grid_size, D))
         self.col_embed = nn.Parameter(torch.zeros(cfg.grid_size, D))
         # condition prefix
@@ -506,9 +518,7 @@ class TokenGenerator(nn.Module):
         projected code vectors ("codebook"; causal: position t depends on positions <= t only)."""
         if self.config.image_input == "embedding":
             return self.code_embed(codes + self.code_offsets).sum(-2)
-        k = self.config.num_codebooks
-        z = self.codebooks[torch.arange(k, device=codes.device), codes.long()]     # (B, T, k, d)
-        return self.projector(self.post_quant_proj(z.flatten(-2)))
+        return self.projector(self.post_quant_proj(code_vectors(self.codebooks, codes)))
 
     def pos_embed(self, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
         """(end - start, D) learned 2D embeddings of row-major positions start..end-1."""

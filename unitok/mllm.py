@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .checkpoint import atomic_write, load_state_dict_checked
-from .generator import CausalTransformer, PositionStep, TokenGenerator, tokenizer_hash
+from .generator import CausalTransformer, PositionStep, TokenGenerator, code_vectors, image_projector, tokenizer_hash
 from .projection import build_projection
 
 TASKS = ("t2i", "i2t", "vqa")
@@ -365,8 +365,7 @@ class UnifiedModel(nn.Module):
             if not (cfg.image_input == "continuous" and cfg.continuous_source == "encoder"):
                 self.post_quant_proj = build_projection(cfg.projection, cfg.latent_dim, cfg.tokenizer_width,
                                                         causal=True)
-            self.projector = nn.Sequential(nn.LayerNorm(in_dim, eps=1e-6), nn.Linear(in_dim, D), nn.GELU(),
-                                           nn.Linear(D, D))
+            self.projector = image_projector(in_dim, D)
         self.backbone = CausalTransformer(D, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.dropout)
         self.text_head = nn.Linear(D, cfg.vocab_size)
         if cfg.can_generate:
@@ -440,10 +439,7 @@ class UnifiedModel(nn.Module):
         if cfg.image_input == "embedding":
             return self.code_embed(image.long() + self.code_offsets).sum(-2)
         if cfg.image_input == "codebook":
-            k = cfg.num_codebooks
-            idx = image.long()
-            z = self.codebooks[torch.arange(k, device=idx.device), idx]     # (B, T, k, d)
-            return self.projector(self.post_quant_proj(z.flatten(-2)))
+            return self.projector(self.post_quant_proj(code_vectors(self.codebooks, image)))
         x = image.float()
         if cfg.continuous_source == "encoder":
             return self.projector(x)
