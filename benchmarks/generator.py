@@ -26,6 +26,7 @@ import unitok  # noqa: E402,F401
 from unitok.generator import GeneratorConfig, TokenGenerator  # noqa: E402
 from unitok.generator_train import GeneratorTrainConfig  # noqa: E402
 from unitok.model import UniTok  # noqa: E402
+from unitok.runtime import training_autocast, uses_bf16  # noqa: E402
 
 REFERENCE_PEAK = 192e9   # GFLOP/s of the 2-core machine the README's times refer to
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,18 +49,18 @@ def build(preset: str, device):
     return tok, gen
 
 
-def time_training(gen, tok, batch: int, steps: int, device) -> dict:
+def time_training(gen, tok, batch: int, steps: int, device, cpu_bf16: str = "off") -> dict:
+    """Median training step; on a GPU under bf16 autocast, on the CPU as `cpu_bf16` says (unitok.runtime)."""
     cfg = gen.config
     opt = torch.optim.AdamW(gen.parameters(), lr=1e-4, fused=device.type == "cuda")
     codes = torch.randint(0, cfg.codebook_size, (batch, cfg.grid_size, cfg.grid_size, cfg.num_codebooks),
                           device=device)
     ids = tok.tokenize([f"a small red circle number {i}" for i in range(batch)])
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     times = []
     for i in range(steps + 1):   # the first step warms up
         _sync(device)
         start = time.perf_counter()
-        with amp:
+        with training_autocast(device, amp=True, cpu_bf16=cpu_bf16):
             out = gen(codes, gen.text_states_from_ids(ids))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -67,7 +68,8 @@ def time_training(gen, tok, batch: int, steps: int, device) -> dict:
         _sync(device)
         times.append(time.perf_counter() - start)
     step = statistics.median(times[1:])
-    return {"seconds_per_step": step, "images_per_second": batch / step}
+    return {"seconds_per_step": step, "images_per_second": batch / step,
+            "bf16": uses_bf16(device, True, cpu_bf16)}
 
 
 def time_sampling(gen, batch: int, use_cache: bool, device, repeats: int = 1) -> float:
@@ -97,9 +99,12 @@ def main(argv=None) -> int:
     tok, gen = build(args.preset, device)
     results = {"preset": args.preset, "device": str(device), "threads": torch.get_num_threads(),
                "parameters": gen.num_parameters()}
-    train = time_training(gen, tok, args.batch, args.steps, device)
-    default_steps = GeneratorTrainConfig().steps
+    defaults = GeneratorTrainConfig()
+    train = time_training(gen, tok, args.batch, args.steps, device, defaults.cpu_bf16)   # as the trainer runs
+    default_steps = defaults.steps
     results["train"] = dict(train, batch=args.batch)
+    if device.type == "cpu" and train["bf16"]:   # and fp32 next to it, for the ratio
+        results["train_fp32"] = dict(time_training(gen, tok, args.batch, args.steps, device, "off"), batch=args.batch)
     sampling = []
     for b in args.sample_batch:
         cached = time_sampling(gen, b, True, device)
@@ -118,7 +123,12 @@ def main(argv=None) -> int:
     print(f"training: {train['images_per_second']:.1f} images/s ({train['seconds_per_step']:.3f} s per step of "
           f"{args.batch}); the default {default_steps} steps: {default_steps * train['seconds_per_step'] / 60:.1f} "
           f"min here" + (f", {default_steps * train['seconds_per_step'] * scale / 60:.1f} min at "
-                         f"{REFERENCE_PEAK / 1e9:.0f} GFLOP/s" if device.type == "cpu" else ""))
+                         f"{REFERENCE_PEAK / 1e9:.0f} GFLOP/s" if device.type == "cpu" else "")
+          + (" (bf16 autocast)" if train["bf16"] else ""))
+    if "train_fp32" in results:
+        fp32 = results["train_fp32"]
+        print(f"training in fp32 (cpu_bf16=off): {fp32['seconds_per_step']:.3f} s per step; bf16 is "
+              f"{fp32['seconds_per_step'] / train['seconds_per_step']:.2f}x faster")
     for s in sampling:
         print(f"sampling, batch {s['batch']:3d} (CFG on): KV cache {s['cached_images_per_second']:.2f} images/s, "
               f"recompute {s['recompute_images_per_second']:.2f} images/s: cache {s['speedup']:.1f}x faster")

@@ -2,9 +2,11 @@
 
     python benchmarks/step_profile.py [--preset tiny] [--steps 6] [--top 12]
 
-Two settings, measured in this one process (interleaved, so a noisy machine hits both alike):
-  before  the per-tensor AdamW loop and clip_grad_norm_ loop, no image-head block (the earlier tiny recipe)
-  after   the trainer as it is now: fused AdamW, foreach gradient clipping, the preset's image head
+Three settings, measured in this one process, one after the other:
+  before  the per-tensor AdamW loop and clip_grad_norm_ loop, no image-head block, fp32 (the earlier tiny recipe)
+  fp32    fused AdamW, foreach gradient clipping, the preset's image head, fp32 (`cpu_bf16=off`)
+  bf16    the same under the trainers' bf16 autocast with the math attention kernel (`cpu_bf16=on`; the tiny
+          preset's "auto" picks it on CPUs with AMX)
 For each: the median step, split into regions (data rendering, forward, loss, backward, gradient clipping,
 optimizer) by `torch.profiler.record_function`, and the top operators by self time. Times are also given scaled to
 a 192 GFLOP/s machine: wall time x (measured fp32 matmul peak / 192 GFLOP/s), the README's convention, since on a
@@ -25,6 +27,7 @@ from unitok.config import get_preset
 from unitok.data import build_dataset
 from unitok.losses import UniTokLoss
 from unitok.model import UniTok
+from unitok.runtime import training_autocast
 
 REGIONS = ("data", "forward", "loss", "backward", "clip_grad", "optimizer")
 REFERENCE_PEAK = 192e9
@@ -45,7 +48,7 @@ def _timed(fn) -> float:
 class Step:
     """One training step of `preset` on shapes batches, with the optimizer settings of `fused`."""
 
-    def __init__(self, preset: str, fused: bool, image_head_depth=None, batch: int = 64):
+    def __init__(self, preset: str, fused: bool, image_head_depth=None, batch: int = 64, cpu_bf16: str = "off"):
         p = get_preset(preset)
         cfg = p.model if image_head_depth is None else dataclasses.replace(p.model, image_head_depth=image_head_depth)
         torch.manual_seed(0)
@@ -56,6 +59,7 @@ class Step:
                                      weight_decay=0.02, fused=fused, foreach=False if not fused else None)
         self.data = build_dataset("shapes", cfg.image_size, split="train")
         self.batch, self.index = batch, 0
+        self.cpu_bf16 = cpu_bf16
 
     def __call__(self) -> None:
         with record_function("data"):
@@ -63,7 +67,7 @@ class Step:
             self.index += self.batch
             images = torch.stack([i["image"] for i in items])
             texts = [i["caption"] for i in items]
-        with record_function("forward"):
+        with record_function("forward"), training_autocast(torch.device("cpu"), cpu_bf16=self.cpu_bf16):
             out = self.model(images, texts)
         with record_function("loss"):
             terms = self.loss_fn(out, images)
@@ -99,7 +103,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args(argv)
-    settings = {"before": Step(args.preset, fused=False, image_head_depth=0), "after": Step(args.preset, fused=True)}
+    settings = {"before": Step(args.preset, fused=False, image_head_depth=0), "fp32": Step(args.preset, fused=True),
+                "bf16": Step(args.preset, fused=True, cpu_bf16="on")}
     peaks, results = [matmul_peak()], {}
     for name, step in settings.items():
         results[name] = profile_steps(step, args.steps, args.top)
@@ -117,6 +122,8 @@ def main(argv=None):
         print("  top operators (self time, scaled ms):")
         for key, ms in r["ops"]:
             print(f"    {key[:60]:60s} {ms * scale:7.1f}")
+    base = results["fp32"]["step_ms"]
+    print("\nstep speed against fp32: " + ", ".join(f"{name} {base / r['step_ms']:.2f}x" for name, r in results.items()))
     return results, peak
 
 

@@ -23,10 +23,12 @@ def one_torch_thread():
 
 # A ~1.8 M-parameter model (most of it the CLIP token-embedding table) that still learns visibly in a few hundred
 # steps on `shapes`. Every key must exist in ModelConfig / TrainConfig (apply_overrides rejects unknown keys).
+# fp32 (`cpu_bf16=off`, not the preset's "auto"): the suite's numbers must not depend on whether the CPU has AMX;
+# tests/test_runtime.py covers the bf16 path on its own.
 _TINY_OVERRIDES = [
     "width=64", "encoder_depth=1", "decoder_depth=1", "num_heads=2", "latent_dim=16", "num_codebooks=4",
     "codebook_size=64", "text_width=32", "text_layers=1", "text_heads=2", "context_length=16", "batch_size=16",
-    "eval_images=64", "log_every=2", "eval_every=0",
+    "eval_images=64", "log_every=2", "eval_every=0", "cpu_bf16=off",
 ]
 
 # The uninterrupted CLI run shared by test_cli.py (outputs, eval, export) and test_train.py (resume equality).

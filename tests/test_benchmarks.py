@@ -32,11 +32,24 @@ def test_quantizer_benchmark_prints_finite_ratios():
     assert peaks and all(math.isfinite(float(p)) and float(p) > 0 for p in peaks.groups()), out
 
 
-def test_throughput_benchmark_prints_peak_ratio():
+def test_throughput_benchmark_prints_peak_ratio_for_fp32_and_bf16():
     out = run("benchmarks/train_throughput.py", "--presets", "tiny", "--batch", "4", "--steps", "1")
     assert "matmul peak" in out and "images/s" in out
-    fractions = re.findall(r"(\S+) x matmul peak", out)
-    assert fractions and all(math.isfinite(float(f)) and float(f) > 0 for f in fractions), out
+    fractions = re.findall(r"tiny +(fp32|bf16) .* (\S+) x matmul peak", out)
+    assert [p for p, _ in fractions] == ["fp32", "bf16"], out
+    assert all(math.isfinite(float(f)) and float(f) > 0 for _, f in fractions), out
+    speed = re.search(r"tiny +bf16 autocast / fp32 step speed: (\S+)x", out)
+    assert speed and float(speed.group(1)) > 0, out
+
+
+def test_step_profile_splits_each_setting_into_regions_and_compares_them():
+    out = run("benchmarks/step_profile.py", "--steps", "1", "--top", "3")
+    for name in ("before", "fp32", "bf16"):
+        block = out.split(f"\n{name}: median step", 1)[1].split("top operators", 1)[0]
+        shares = [float(v) for v in re.findall(r"ms scaled +(\S+) %", block)]
+        assert len(shares) == 6 and abs(sum(shares) - 100) < 1, block   # the six regions cover the step
+    speeds = dict(re.findall(r"(before|fp32|bf16) (\S+)x", out.split("step speed against fp32:", 1)[1]))
+    assert float(speeds["fp32"]) == 1.0 and float(speeds["before"]) > 0 and float(speeds["bf16"]) > 0, out
 
 
 def test_image_pool_probe_prints_an_accuracy_per_pooling():
@@ -45,3 +58,19 @@ def test_image_pool_probe_prints_an_accuracy_per_pooling():
     assert [(kind, pool) for kind, pool, _ in rows] == [("tokenizer", "mean"), ("tokenizer", "max"),
                                                         ("small CNN", "max"), ("small CNN", "mean")], out
     assert all(0.0 <= float(acc) <= 1.0 for _, _, acc in rows), out
+
+
+def test_generator_benchmark_prints_cache_speedups_and_the_default_schedule():
+    out = run("benchmarks/generator.py", "--batch", "4", "--steps", "1", "--sample-batch", "2")
+    schedule = re.search(r"the default (\d+) steps: (\S+) min here", out)
+    assert schedule and int(schedule.group(1)) > 0 and float(schedule.group(2)) > 0, out
+    speedups = re.findall(r"cache (\S+)x faster", out)
+    assert len(speedups) == 1 and float(speedups[0]) > 0, out
+
+
+def test_mllm_benchmark_prints_cache_and_bf16_ratios():
+    out = run("benchmarks/mllm.py", "--batch", "1", "--train-batch", "3", "--steps", "1")
+    cache = re.search(r"KV cache speed-up: caption x(\S+), t2i x(\S+)", out)
+    assert cache and all(float(v) > 0 for v in cache.groups()), out
+    bf16 = re.search(r"bf16 autocast \(cpu_bf16=on\): (\S+) s here, x(\S+) against fp32", out)
+    assert bf16 and float(bf16.group(1)) > 0 and float(bf16.group(2)) > 0, out

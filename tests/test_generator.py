@@ -256,7 +256,8 @@ def _trainer(tokenizer, cache, out_dir=None, resume=False, steps=40, **extra):
     gen, train = apply_generator_overrides(gen, __import__("unitok.generator_train").generator_train
                                            .GeneratorTrainConfig(), [f"steps={steps}", "batch_size=16",
                                                                     "eval_every=0", "checkpoint_every=0",
-                                                                    "lr=3e-3", "warmup_fraction=0.1"])
+                                                                    "lr=3e-3", "warmup_fraction=0.1",
+                                                                    "cpu_bf16=off"])
     return GeneratorTrainer(gen, train, tokenizer, codes, {"test": test}, out_dir=out_dir, resume=resume,
                             tokenizer_path=ROOT / "data" / "tiny-shapes")
 

@@ -214,7 +214,8 @@ def test_bad_inputs(tok, text, scenes):
 # ---------------------------------------------------------------------------------------------------- training
 def _trainer(tok, text, scenes, out, resume=False, steps=4):
     cfg, train = apply_mllm_overrides(MLLMConfig.for_tokenizer(tok, text, **SMALL), MLLMTrainConfig(),
-                                      [f"steps={steps}", "batch_size=6", "checkpoint_every=2", "eval_every=0"])
+                                      [f"steps={steps}", "batch_size=6", "checkpoint_every=2", "eval_every=0",
+                                       "cpu_bf16=off"])
     return MLLMTrainer(cfg, train, tok, text, scenes, {"test": SceneSet(scenes.codes[:4], scenes.records[:4],
                                                                           split="test")},
                        out_dir=out, resume=resume)

@@ -4,6 +4,7 @@ Nothing here measures time: whether another thread can take the model's lock is 
 acquire, so the answers are exact.
 """
 import copy
+import math
 import threading
 
 import unitok  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
@@ -121,3 +122,58 @@ def test_check_codes_accepts_valid_and_skips_range_when_asked():
     check_codes(torch.tensor([[0, 99]]), 10, check_range=False)          # no device read
     check_codes(torch.zeros(0, 2, dtype=torch.long), 10, allow_empty=True)
     check_codes(torch.empty(5, 2, dtype=torch.long, device="meta"), 10)  # meta tensors have no values
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bf16 autocast for training (unitok.runtime.training_autocast)
+# ---------------------------------------------------------------------------------------------------------------
+def test_cpu_bf16_choice_is_explicit_and_checked():
+    from unitok.config import TrainConfig
+    from unitok.runtime import cpu_has_bf16_matmul, uses_bf16
+
+    cpu = torch.device("cpu")
+    assert uses_bf16(cpu, amp=True, cpu_bf16="off") is False      # amp alone never turns the CPU to bf16
+    assert uses_bf16(cpu, amp=False, cpu_bf16="on") is True
+    assert uses_bf16(cpu, cpu_bf16="auto") is cpu_has_bf16_matmul()
+    with pytest.raises(ValueError, match="cpu_bf16 must be one of"):
+        uses_bf16(cpu, cpu_bf16="fast")
+    with pytest.raises(ValueError, match="cpu_bf16='fast' is not allowed; expected 'off', 'on' or 'auto'"):
+        TrainConfig(cpu_bf16="fast")
+
+
+def test_training_autocast_runs_matmuls_in_bf16_and_attention_through_the_math_kernel():
+    import torch.nn.functional as F
+    from unitok.runtime import training_autocast
+
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 16)
+    x = torch.randn(2, 4, 16)
+    q = torch.randn(2, 2, 5, 8, requires_grad=True)
+    with training_autocast(torch.device("cpu"), cpu_bf16="off"):
+        assert lin(x).dtype == torch.float32
+    with training_autocast(torch.device("cpu"), cpu_bf16="on"):
+        assert lin(x).dtype == torch.bfloat16
+        y = F.scaled_dot_product_attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), is_causal=True)
+    assert not torch.is_autocast_enabled("cpu")                     # nothing leaks out of the block
+    y.float().sum().backward()
+    ref = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert torch.allclose(y.float(), ref, atol=3e-2)                # the same attention, to bf16 precision
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_bf16_training_steps_are_repeatable_and_recorded(tiny_overrides, tmp_path):
+    from unitok.train import Trainer
+
+    def three_steps(out):
+        trainer = Trainer.from_preset("tiny", data="shapes", out_dir=out,
+                                      overrides=[*tiny_overrides, "steps=3", "seed=1", "cpu_bf16=on",
+                                                 "eval_images=32", "checkpoint_every=0"])
+        rows = [trainer.step()["loss"] for _ in range(3)]
+        summary = trainer.write_summary(trainer.evaluate())
+        trainer.close()
+        return rows, summary
+
+    a, summary = three_steps(tmp_path / "a")
+    b, _ = three_steps(tmp_path / "b")
+    assert a == b and all(math.isfinite(v) for v in a)
+    assert summary["precision"] == "bf16"

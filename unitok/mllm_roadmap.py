@@ -83,7 +83,7 @@ def run_mllm_task(task, out: Path, run_dir: Path, log: Callable) -> dict:
     peak = matmul_peak(device=device)
     start = time.perf_counter()
     tokenizer = UniTok.from_pretrained(tok_dir, map_location=str(device))
-    overrides = [f"steps={spec['steps']}", f"seed={spec['seed']}", "eval_every=0", "t2i_weight=0",
+    overrides = ["cpu_bf16=off", f"steps={spec['steps']}", f"seed={spec['seed']}", "eval_every=0", "t2i_weight=0",
                  f"checkpoint_every={max(10, spec['steps'] // 3)}", f"train_images={spec['train_images']}",
                  f"eval_images={spec['eval_images']}", f"device={spec['tokenizer']['train']['device']}",
                  *[f"{k}={v}" for k, v in spec["mllm"].items()]]

@@ -4,6 +4,8 @@
     >>> model_device(model)                      # the device of the model's first parameter (cpu if none)
     >>> with eval_mode(model):                   # eval mode, no_grad; the training flag is restored afterwards
     ...     recon = model.reconstruct(images)
+    >>> with training_autocast(device, amp=True, cpu_bf16="auto"):   # the trainers' forward pass
+    ...     out = model(images, texts)
 
 Why a lock: a notebook can train a model in a background thread (the training dashboard runs `Trainer.step()`
 there) while other views evaluate the *same* model from the main thread. Switching to eval mode is a flag on
@@ -24,7 +26,10 @@ from typing import Iterator, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["pick_device", "model_device", "model_lock", "eval_mode"]
+__all__ = ["pick_device", "model_device", "model_lock", "eval_mode", "CPU_BF16_CHOICES", "cpu_has_bf16_matmul",
+           "uses_bf16", "training_autocast"]
+
+CPU_BF16_CHOICES = ("off", "on", "auto")
 
 # One lock per model object. Kept outside the module (not an attribute) so that models stay deep-copyable and
 # picklable, and the entry disappears with the model.
@@ -90,3 +95,50 @@ def eval_mode(model, no_grad: bool = True) -> Iterator:
                 yield model
         finally:
             model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mixed precision for training
+# ---------------------------------------------------------------------------------------------------------------
+def cpu_has_bf16_matmul() -> bool:
+    """True when this CPU multiplies bfloat16 matrices in hardware (Intel AMX tiles). There a bf16 matmul runs
+    several times faster than fp32 (benchmarks/train_throughput.py); elsewhere bf16 is emulated and slower."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def uses_bf16(device: torch.device, amp: bool = True, cpu_bf16: str = "off") -> bool:
+    """Whether a training forward pass on `device` runs under bf16 autocast.
+
+    CUDA: `amp`. CPU: `cpu_bf16` -- "off" (fp32, bit-for-bit repeatable anywhere), "on", or "auto" (bf16 where
+    `cpu_has_bf16_matmul()`)."""
+    if cpu_bf16 not in CPU_BF16_CHOICES:
+        raise ValueError(f"cpu_bf16 must be one of {CPU_BF16_CHOICES}, got {cpu_bf16!r}")
+    if device.type == "cuda":
+        return bool(amp)
+    if device.type == "cpu":
+        return cpu_bf16 == "on" or (cpu_bf16 == "auto" and cpu_has_bf16_matmul())
+    return False
+
+
+@contextlib.contextmanager
+def training_autocast(device: torch.device, amp: bool = True, cpu_bf16: str = "off") -> Iterator:
+    """bf16 autocast for a training forward pass when `uses_bf16(...)`, else nothing.
+
+    On the CPU it also selects PyTorch's math attention kernel: the fused CPU flash-attention kernel's backward is
+    about 7x slower in bf16 than in fp32 (measured on the tiny preset), while the math kernel is plain matmuls,
+    which is what bf16 makes fast. Losses, the quantizer's nearest-code search and evaluation stay fp32.
+    """
+    if not uses_bf16(device, amp, cpu_bf16):
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        if device.type == "cpu":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+        yield

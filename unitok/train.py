@@ -39,7 +39,7 @@ from .discriminator import AdversarialLoss, build_lpips, check_loss_weights
 from .losses import UniTokLoss
 from .model import UniTok
 from .runs import RunLock, atomic_write_text, prepare_run_folder
-from .runtime import model_lock, pick_device
+from .runtime import model_lock, pick_device, training_autocast, uses_bf16
 
 LOSS_TERMS = ("l1", "l2", "vq", "clip")
 
@@ -258,8 +258,7 @@ class Trainer:
         return next(self._loader_iter)
 
     def _autocast(self):
-        enabled = self.config.amp and self.device.type == "cuda"
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return training_autocast(self.device, self.config.amp, self.config.cpu_bf16)
 
     # ------------------------------------------------------------------ training
     def step(self) -> dict:
@@ -431,6 +430,7 @@ class Trainer:
         results = results if results is not None else (self.eval_history[-1] if self.eval_history else self.evaluate())
         summary = make_summary(results, steps=self.step_count, train_seconds=self.train_seconds,
                                model_config=self.model_config, data=self.data_spec)
+        summary["precision"] = "bf16" if uses_bf16(self.device, self.config.amp, self.config.cpu_bf16) else "fp32"
         if self.is_main and self.out_dir is not None:
             write_run_outputs(self.out_dir, summary, self.model, self.eval_data, self.device)
         return summary
