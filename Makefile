@@ -71,14 +71,14 @@ checkpoint: venv
 	$(BIN)/python -m unitok.cli export runs/tiny-shapes data/tiny-shapes --overwrite
 
 # Re-create the bundled generator in data/tiny-generator/ from the bundled tokenizer's codes (the train-generator
-# defaults: 500 steps, about 9 minutes on one core; see data/README.md for its time and scores).
+# defaults: 1500 steps in bf16 on AMX CPUs; see data/README.md for its time and scores).
 generator: venv
 	OMP_NUM_THREADS=1 $(BIN)/python -m unitok.cli train-generator --tokenizer data/tiny-shapes --data shapes \
 		--out runs/tiny-generator --overwrite
 	$(BIN)/python -m unitok.generator_cli export runs/tiny-generator data/tiny-generator --overwrite
 
 # Re-create the bundled unified model in data/tiny-mllm/ (reads and writes images through data/tiny-shapes' tokens;
-# the train-mllm defaults: 3000 steps, under 20 minutes on one core; see data/README.md for its time and scores).
+# the train-mllm defaults: 4500 steps in bf16 on AMX CPUs, about 16 minutes on one core; see data/README.md).
 mllm: venv
 	OMP_NUM_THREADS=1 $(BIN)/python -m unitok.cli train-mllm --tokenizer data/tiny-shapes --data shapes --out runs/tiny-mllm --overwrite
 	$(BIN)/python -m unitok.mllm_cli export runs/tiny-mllm data/tiny-mllm --overwrite

@@ -1055,9 +1055,10 @@ def add_ablate_command(sub) -> None:
     a = sub.add_parser("ablate", help="re-run the paper's ablations with seeds; `ablate report DIR` summarises",
                        description="unitok ablate STUDY [--seeds 3] [--steps N] [--out runs/ablate] [--jobs J]\n"
                                    "unitok ablate report DIR\n\nstudies: " + ", ".join(ORDER)
-                                   + " (comma-separated, or 'all')",
+                                   + " (comma-separated, or 'all'); and roadmap: the unified model on six "
+                                     "tokenizer variants (asked for by name, not part of 'all')",
                        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    a.add_argument("study", help=f"one of {', '.join(ORDER)}, a comma-separated list, 'all', or 'report'")
+    a.add_argument("study", help=f"one of {', '.join(ORDER)}, roadmap, a comma-separated list, 'all', or 'report'")
     a.add_argument("dir", nargs="?", help="for `report`: the ablation folder (or its results.jsonl)")
     a.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per setting (default 3)")
     a.add_argument("--steps", type=int, help=f"training steps per run (default {Scale.steps})")
