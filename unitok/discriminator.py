@@ -278,7 +278,8 @@ class DinoDiscriminator(nn.Module):
     def forward(self, images: torch.Tensor, augment: bool = True,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
         x = diff_augment(images, generator=generator) if augment else images
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+        # .float(): under bf16 autocast the reconstruction arrives in bf16, which antialiased resizing lacks on CPU
+        x = F.interpolate(x.float(), size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
                           antialias=x.shape[-1] > self.image_size)
         x = ((x + 1) / 2 - self.mean) / self.std
         feats = self.backbone.forward_intermediates(x, indices=list(DINO_LAYERS), norm=False, output_fmt="NLC",
