@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .runtime import CPU_BF16_CHOICES
+
 
 @dataclass
 class ModelConfig:
@@ -172,7 +174,7 @@ class TrainConfig:
         if not problems and not (isinstance(self.betas, tuple) and len(self.betas) == 2
                                  and all(0 <= b < 1 for b in self.betas)):
             problems.append(f"betas={self.betas!r} is not allowed; expected two numbers in [0, 1)")
-        if not problems and self.cpu_bf16 not in ("off", "on", "auto"):
+        if not problems and self.cpu_bf16 not in CPU_BF16_CHOICES:
             problems.append(f"cpu_bf16={self.cpu_bf16!r} is not allowed; expected 'off', 'on' or 'auto'")
         if not problems and self.warmup_fraction > 1:
             problems.append(f"warmup_fraction={self.warmup_fraction!r} is not allowed; expected a fraction in [0, 1]")

@@ -19,6 +19,7 @@ evaluation pass that calls the zero-shot helpers) or evaluating from a training 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import weakref
 from typing import Iterator, Union
@@ -100,6 +101,7 @@ def eval_mode(model, no_grad: bool = True) -> Iterator:
 # ---------------------------------------------------------------------------------------------------------------
 # mixed precision for training
 # ---------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)   # asked once per training step: probe the CPU once per process
 def cpu_has_bf16_matmul() -> bool:
     """True when this CPU multiplies bfloat16 matrices in hardware (Intel AMX tiles). There a bf16 matmul runs
     several times faster than fp32 (benchmarks/train_throughput.py); elsewhere bf16 is emulated and slower."""
