@@ -30,6 +30,8 @@ def _randomise_head(gen: TokenGenerator) -> TokenGenerator:
     torch.manual_seed(1)
     for p in gen.classifier.parameters():
         torch.nn.init.normal_(p, std=0.5)
+    if gen.classifier.geometry and not gen.classifier.code_vectors.any():   # no tokenizer: random unit codes
+        gen.classifier.set_codebooks(torch.nn.functional.normalize(torch.randn_like(gen.classifier.code_vectors), dim=-1))
     return gen.eval()
 
 
@@ -95,6 +97,37 @@ def test_classifier_starts_at_zero_so_the_first_loss_is_ln_K(tokenizer):
     gen = TokenGenerator(GeneratorConfig.preset("tiny", tokenizer=tokenizer, **SMALL), tokenizer)
     codes = tokenizer.encode(torch.zeros(2, 3, 32, 32))
     assert gen(codes, prompts=["a red star", "a blue circle"]).loss.item() == pytest.approx(np.log(256), abs=1e-5)
+
+
+@pytest.mark.parametrize("head", ["depth", "parallel"])
+def test_codebook_logits_score_codes_by_their_direction_in_the_tokenizers_codebook(tokenizer, head):
+    from unitok.generator import CodeClassifier
+
+    cfg = GeneratorConfig.preset("tiny", tokenizer=tokenizer, head=head, **SMALL)
+    assert cfg.code_logits == "codebook"
+    gen = TokenGenerator(cfg, tokenizer)
+    books = tokenizer.quantizer.normalized_codebooks()                             # (k, K, d)
+    assert torch.equal(gen.classifier.code_vectors, books)
+    assert not gen.classifier.query.any() and not gen.classifier.weight.any()      # starts uniform (ln K loss)
+    # a query that points at code 7 of sub-codebook 2: logits = cosine to code 7, best for 7, then its neighbours
+    head_ = CodeClassifier(4, books.shape[0], books.shape[1], books.shape[2], shared=True, geometry=True)
+    head_.set_codebooks(books)
+    with torch.no_grad():
+        head_.query[2] = torch.eye(4)
+    x = books[2, 7][None]                                                          # (1, in_dim=4)
+    logits = head_(x, index=2)[0]
+    assert logits.argmax() == 7 and logits[7].item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.allclose(logits, books[2] @ books[2, 7], atol=1e-5)
+    shared = head_(x[:, None].expand(1, books.shape[0], 4))                        # (1, k, K): row j vs book j
+    assert torch.allclose(shared[0, 2], logits, atol=1e-6)
+    assert not CodeClassifier(4, 8, 16, 4, shared=True, geometry=False)(torch.randn(3, 8, 4)).any()
+
+
+def test_generators_saved_before_codebook_logits_load_with_the_linear_classifier():
+    meta = json.loads((ROOT / "data" / "tiny-generator" / "config.json").read_text())
+    want = meta["generator"].get("code_logits", "linear")
+    gen = TokenGenerator.from_pretrained(ROOT / "data" / "tiny-generator")
+    assert gen.config.code_logits == want and gen.classifier.geometry == (want == "codebook")
 
 
 # ------------------------------------------------------------------------------------------------ sampling

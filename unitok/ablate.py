@@ -887,7 +887,8 @@ def _fmt(mean: float, std: float, n: int) -> str:
 TABLE_METRICS = ("psnr", "fid_proxy", "zero_shot_top1", "zero_shot_top1_heldout", "linear_probe_top1",
                  "linear_probe_top1_heldout",
                  "codebook_usage", "effective_bits", "clip_zero_shot_top1", "gen_nll_bits", "gen_prompt_accuracy",
-                 "gen_prompt_accuracy_heldout", "gen_fid_proxy", "train_seconds", "pretrain_seconds")
+                 "gen_prompt_accuracy_heldout", "gen_fid_proxy", "mllm_vqa_acc", "mllm_vqa_acc_heldout",
+                 "mllm_caption_acc", "mllm_caption_acc_heldout", "train_seconds", "pretrain_seconds")
 
 
 def format_table(rows: List[dict], metrics: Sequence[str] = TABLE_METRICS) -> str:
@@ -912,7 +913,8 @@ def format_table(rows: List[dict], metrics: Sequence[str] = TABLE_METRICS) -> st
 
 PLOT_METRICS = ("psnr", "fid_proxy", "zero_shot_top1", "zero_shot_top1_heldout", "linear_probe_top1",
                 "effective_bits", "gen_nll_bits", "gen_prompt_accuracy", "gen_prompt_accuracy_heldout",
-                "gen_fid_proxy")
+                "gen_fid_proxy", "mllm_vqa_acc", "mllm_vqa_acc_heldout", "mllm_caption_acc",
+                "mllm_caption_acc_heldout")
 
 
 def _plot_data(rows: List[dict], study: str):

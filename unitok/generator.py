@@ -50,6 +50,7 @@ from .codes import check_codes as _check_code_values
 
 CONDITIONS = ("text_tokens", "text", "class")
 HEADS = ("depth", "parallel")
+CODE_LOGITS = ("codebook", "linear")
 
 
 @dataclass
@@ -69,6 +70,11 @@ class GeneratorConfig:
     depth_width: int = 128
     depth_layers: int = 1
     depth_heads: int = 4
+    # output logits: "linear" (a free classifier over K, zero-initialised: the reference's) or "codebook" (the same
+    # plus <q_j(h), e_jc>, a learned query against the tokenizer's own unit-norm code vectors e_jc of sub-codebook j,
+    # also zero-initialised): codes the tokenizer put near each other get near logits, so the head learns *where*
+    # in code space a patch lies before it learns each of the K codes apart (see `CodeClassifier`)
+    code_logits: str = "codebook"
     # image input: "embedding" (the reference's sum of k learned sub-code embeddings) or "codebook" (the Liquid way,
     # as in unitok.mllm: codes -> the tokenizer's own unit-norm code vectors -> its post_quant_proj made causal ->
     # a small MLP), which hands the model the tokenizer's geometry of the codes instead of 2048 random rows
@@ -95,6 +101,8 @@ class GeneratorConfig:
         problems = []
         if self.head not in HEADS:
             problems.append(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.code_logits not in CODE_LOGITS:
+            problems.append(f"code_logits must be one of {CODE_LOGITS}, got {self.code_logits!r}")
         if self.condition not in CONDITIONS:
             problems.append(f"condition must be one of {CONDITIONS}, got {self.condition!r}")
         if self.width % self.num_heads:
@@ -184,6 +192,57 @@ def tokenizer_hash(tokenizer) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # a small pre-norm causal transformer with a KV cache
 # ---------------------------------------------------------------------------------------------------------------
+class CodeClassifier(nn.Linear):
+    """Logits over the K codes of each sub-codebook, from head states.
+
+    A plain `nn.Linear(in_dim, outputs * K)` (outputs = 1: one classifier shared by the k sub-codes, the depth head;
+    outputs = k: k independent heads, the parallel baseline), plus, with `geometry=True`, a term that knows the
+    tokenizer's codebooks: logit_jc += <x W_j, e_jc>, with W_j (in_dim, d) learned per sub-codebook j and e_jc its
+    unit-norm code vectors (a frozen copy, filled by `set_codebooks`). The tokenizer quantizes each chunk by cosine
+    to the nearest code, so a flat patch of a slightly different colour lands on a *neighbouring* code; with the
+    geometric term one query direction covers a whole neighbourhood (a von Mises-Fisher-like bump whose sharpness is
+    the query's norm), where the free classifier must raise each of the K logits on its own. Both parts start at
+    zero, so an untrained head still gives exactly log2 K bits per sub-code.
+
+    forward(x (M, k, in_dim)) -> (M, k, K) for the shared head (x's j-th row predicts sub-code j), or
+    forward(x (M, in_dim), index=j) -> (M, K); the parallel head takes x (M, in_dim) -> (M, k, K).
+    """
+
+    def __init__(self, in_dim: int, num_codebooks: int, codebook_size: int, code_dim: int, shared: bool,
+                 geometry: bool):
+        super().__init__(in_dim, codebook_size * (1 if shared else num_codebooks))
+        self.k, self.K, self.shared = num_codebooks, codebook_size, shared
+        self.geometry = geometry
+        if geometry:
+            self.query = nn.Parameter(torch.zeros(num_codebooks, in_dim, code_dim))
+            self.register_buffer("code_vectors", torch.zeros(num_codebooks, codebook_size, code_dim))
+
+    def reset_parameters(self) -> None:   # zero-initialised (the reference's classifier): uniform logits at start
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    @torch.no_grad()
+    def set_codebooks(self, codebooks: torch.Tensor) -> None:
+        """codebooks (k, K, d): the tokenizer's unit-norm code vectors."""
+        if self.geometry:
+            self.code_vectors.copy_(codebooks.to(self.code_vectors))
+
+    def forward(self, x: torch.Tensor, index: Optional[int] = None) -> torch.Tensor:
+        logits = super().forward(x)
+        if not self.shared:
+            logits = logits.view(*x.shape[:-1], self.k, self.K)
+        if not self.geometry:
+            return logits
+        if index is not None:              # one sub-codebook: x (M, in_dim)
+            q = x @ self.query[index].to(x.dtype)
+            return logits + q @ self.code_vectors[index].to(x.dtype).T
+        if self.shared:                    # x (M, k, in_dim): row j against sub-codebook j
+            q = torch.einsum("mji,jid->mjd", x, self.query.to(x.dtype))
+        else:                              # x (M, in_dim): every sub-codebook from the same state
+            q = torch.einsum("mi,jid->mjd", x, self.query.to(x.dtype))
+        return logits + torch.einsum("mjd,jcd->mjc", q, self.code_vectors.to(x.dtype))
+
+
 class KVCache:
     """Keys and values of every layer for the positions seen so far: lists of (B, heads, T, head_dim)."""
 
@@ -317,9 +376,11 @@ class TokenGenerator(nn.Module):
             self.depth_embed = nn.Embedding(max(k - 1, 1) * K, Dd)  # k-1 tables for sub-codes 1..k-1
             self.register_buffer("depth_offsets", torch.arange(max(k - 1, 1)) * K, persistent=False)
             self.depth = CausalTransformer(Dd, cfg.depth_layers, cfg.depth_heads, cfg.mlp_ratio, cfg.dropout)
-            self.classifier = nn.Linear(Dd, K)      # shared by the k sub-codes
-        else:
-            self.classifier = nn.Linear(D, k * K)   # k independent heads in one matrix
+            self.classifier = CodeClassifier(Dd, k, K, cfg.latent_dim // k, shared=True,     # shared by the k
+                                             geometry=cfg.code_logits == "codebook")         # sub-codes
+        else:   # k independent heads in one matrix
+            self.classifier = CodeClassifier(D, k, K, cfg.latent_dim // k, shared=False,
+                                             geometry=cfg.code_logits == "codebook")
         self._init_weights()
         self._tokenizer = [tokenizer]   # a list, so the frozen tokenizer is not registered as a submodule
         if tokenizer is not None:
@@ -336,8 +397,7 @@ class TokenGenerator(nn.Module):
         for p in (self.row_embed, self.col_embed, self.prefix_pos):
             trunc_normal_(p, std=0.02)
         # the reference zero-initialises the classifier: every sub-code starts at the uniform ln K loss
-        nn.init.zeros_(self.classifier.weight)
-        nn.init.zeros_(self.classifier.bias)
+        self.classifier.reset_parameters()
 
     @torch.no_grad()
     def init_from_tokenizer(self, tokenizer, std: float = 0.02, noise: float = 0.005) -> None:
@@ -364,6 +424,7 @@ class TokenGenerator(nn.Module):
             rows = rows.reshape(-1, width) + torch.randn(len(books) * K, width) * noise
             table.weight.copy_(rows.to(table.weight))
 
+        self.classifier.set_codebooks(codebooks)
         if cfg.image_input == "codebook":
             self.codebooks.copy_(codebooks.to(self.codebooks))
             self.post_quant_proj.load_state_dict(tokenizer.post_quant_proj.state_dict())
@@ -538,7 +599,7 @@ class TokenGenerator(nn.Module):
         """Teacher-forced head. h (M, D) spatial states, codes (M, k) -> logits (M, k, K)."""
         cfg = self.config
         if cfg.head == "parallel":
-            return self.classifier(h).view(-1, cfg.num_codebooks, cfg.codebook_size)
+            return self.classifier(h)
         x = self.depth_in(h)[:, None]
         if cfg.num_codebooks > 1:
             prev = self.depth_embed(codes[:, :-1] + self.depth_offsets[:cfg.num_codebooks - 1])
@@ -635,7 +696,7 @@ class TokenGenerator(nn.Module):
             return idx
 
         if cfg.head == "parallel":  # sub-codes independent given h
-            logits = self.classifier(h).view(-1, k, cfg.codebook_size)
+            logits = self.classifier(h)
             for i in range(k):
                 choose(i, logits[:, i])
             return codes, probs, ent
@@ -646,14 +707,14 @@ class TokenGenerator(nn.Module):
             x = x0
             for i in range(k):
                 out = self.depth(x, cache)[:, -1]
-                idx = choose(i, self.classifier(out))
+                idx = choose(i, self.classifier(out, index=i))
                 if i + 1 < k:
                     x = self.depth_embed((idx + self.depth_offsets[i]).repeat(reps))[:, None]
         else:  # recompute the whole depth sequence for every sub-code (the no-cache baseline)
             for i in range(k):
                 prev = codes[:, :i] + self.depth_offsets[:i]
                 x = torch.cat([x0, self.depth_embed(prev.repeat(reps, 1))], 1) if i else x0
-                choose(i, self.classifier(self.depth(x)[:, -1]))
+                choose(i, self.classifier(self.depth(x)[:, -1], index=i))
         return codes, probs, ent
 
     @torch.no_grad()
@@ -846,6 +907,7 @@ class TokenGenerator(nn.Module):
                 raise FileNotFoundError(f"{directory / name} not found; expected a folder written by "
                                         f"TokenGenerator.save_pretrained (or `unitok train-generator`)")
         meta = json.loads((directory / "config.json").read_text())
+        meta["generator"].setdefault("code_logits", "linear")   # saved before the option existed
         config = GeneratorConfig(**meta["generator"])
         if tokenizer is None and meta.get("tokenizer"):
             tokenizer = UniTok.from_pretrained((directory / meta["tokenizer"]).resolve(), map_location=map_location)

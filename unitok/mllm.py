@@ -59,7 +59,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .checkpoint import atomic_write, load_state_dict_checked
-from .generator import CausalTransformer, PositionStep, TokenGenerator, code_vectors, image_projector, tokenizer_hash
+from .generator import (CODE_LOGITS, CausalTransformer, CodeClassifier, PositionStep, TokenGenerator, code_vectors,
+                        image_projector, tokenizer_hash)
 from .projection import build_projection
 
 TASKS = ("t2i", "i2t", "vqa")
@@ -199,6 +200,7 @@ class MLLMConfig:
     depth_width: int = 128
     depth_layers: int = 1
     depth_heads: int = 4
+    code_logits: str = "linear"          # "linear" or "codebook" (the generator's `CodeClassifier` geometry term)
     # image input
     image_input: str = "codebook"        # "codebook", "embedding" or "continuous" (input only)
     continuous_source: str = "latent"    # "latent" (pre-quantization, through post_quant_proj) or "encoder"
@@ -224,6 +226,8 @@ class MLLMConfig:
 
     def validate(self) -> None:
         problems = []
+        if self.code_logits not in CODE_LOGITS:
+            problems.append(f"code_logits must be one of {CODE_LOGITS}, got {self.code_logits!r}")
         if self.image_input not in IMAGE_INPUTS:
             problems.append(f"image_input must be one of {IMAGE_INPUTS}, got {self.image_input!r}")
         if self.continuous_source not in CONTINUOUS_SOURCES:
@@ -296,7 +300,7 @@ class DepthHead(nn.Module):
     _check_sampling = TokenGenerator._check_sampling
 
     def __init__(self, in_dim: int, num_codebooks: int, codebook_size: int, width: int, layers: int, heads: int,
-                 mlp_ratio: float = 4.0, dropout: float = 0.0):
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, code_dim: int = 4, geometry: bool = False):
         super().__init__()
         k, K = num_codebooks, codebook_size
         self.config = SimpleNamespace(head="depth", num_codebooks=k, codebook_size=K)
@@ -304,7 +308,7 @@ class DepthHead(nn.Module):
         self.depth_embed = nn.Embedding(max(k - 1, 1) * K, width)
         self.register_buffer("depth_offsets", torch.arange(max(k - 1, 1)) * K, persistent=False)
         self.depth = CausalTransformer(width, layers, heads, mlp_ratio, dropout)
-        self.classifier = nn.Linear(width, K)
+        self.classifier = CodeClassifier(width, k, K, code_dim, shared=True, geometry=geometry)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,7 +374,8 @@ class UnifiedModel(nn.Module):
         self.text_head = nn.Linear(D, cfg.vocab_size)
         if cfg.can_generate:
             self.image_head = DepthHead(D, k, K, cfg.depth_width, cfg.depth_layers, cfg.depth_heads, cfg.mlp_ratio,
-                                        cfg.dropout)
+                                        cfg.dropout, code_dim=cfg.latent_dim // k,
+                                        geometry=cfg.code_logits == "codebook")
         self._init_weights()
         self._tokenizer = [None]
         if tokenizer is not None:
@@ -387,7 +392,7 @@ class UnifiedModel(nn.Module):
         for p in (self.pos_embed, self.row_embed, self.col_embed, self.next_embed):
             trunc_normal_(p, std=0.02)
         if self.config.can_generate:   # as the generator: every sub-code starts at the uniform ln K loss
-            nn.init.zeros_(self.image_head.classifier.weight)
+            self.image_head.classifier.reset_parameters()
 
     # ------------------------------------------------------------------ tokenizer
     @property
@@ -406,8 +411,11 @@ class UnifiedModel(nn.Module):
         self._tokenizer[0] = tokenizer.eval().requires_grad_(False)
         if copy_weights:
             with torch.no_grad():
+                books = tokenizer.quantizer.normalized_codebooks()
                 if hasattr(self, "codebooks"):
-                    self.codebooks.copy_(tokenizer.quantizer.normalized_codebooks().to(self.codebooks))
+                    self.codebooks.copy_(books.to(self.codebooks))
+                if cfg.can_generate:
+                    self.image_head.classifier.set_codebooks(books)
                 if hasattr(self, "post_quant_proj"):
                     self.post_quant_proj.load_state_dict(tokenizer.post_quant_proj.state_dict())
         if hasattr(self, "post_quant_proj"):
