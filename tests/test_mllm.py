@@ -366,3 +366,24 @@ def test_roadmap_study_plans_six_arms_on_five_tokenizers():
     assert tok["clip"]["l2_weight"] == 0.0 and tok["+reconstruction"]["l2_weight"] > 0
     assert tok["+multi-codebook"]["projection"] == "linear" and tok["+attention projection"]["projection"] == "attn"
     assert tasks[0].spec["mllm"] == {"image_input": "continuous", "continuous_source": "encoder"}
+
+
+def test_roadmap_results_are_tabulated_and_drawn_next_to_the_papers_numbers(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from unitok.ablate import format_table, summarize
+    from unitok.mllm_roadmap import ROADMAP, plot_roadmap
+
+    records = [{"study": "roadmap", "setting": name, "seed": seed, "run": f"{name}-{seed}",
+                "metrics": {"mllm_vqa_acc": 0.4 + 0.01 * i + 0.02 * seed, "mllm_caption_acc": 0.5}}
+               for i, name in enumerate(ROADMAP) for seed in range(2)]
+    rows = summarize(records)
+    table = format_table(rows)
+    assert "unified model VQA accuracy, seen pairs" in table
+    assert "| +attention projection | 0.460 ± 0.014 (2) | 0.500 ± 0.000 (2) |" in table
+    fig = plot_roadmap(rows, png=tmp_path / "roadmap.png")
+    ours, paper = fig.axes
+    assert [round(v, 1) for v in paper.lines[0].get_ydata()] == [v[2] for v in ROADMAP.values()]
+    assert (tmp_path / "roadmap.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="no roadmap results"):
+        plot_roadmap(summarize([{**records[0], "study": "codebooks"}]))

@@ -1037,6 +1037,10 @@ def report(path: Union[str, Path], out_dir: Optional[Union[str, Path]] = None, p
             except ValueError:
                 continue
             plt.close(fig)
+        if any(r["study"] == "roadmap" for r in rows):   # and the paper-style figure: ours against the paper's
+            from .mllm_roadmap import plot_roadmap
+
+            plt.close(plot_roadmap(rows, png=out_dir / "roadmap.png"))
     return text
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -113,3 +114,46 @@ def run_mllm_task(task, out: Path, run_dir: Path, log: Callable) -> dict:
     atomic_write_text(run_dir / "result.json", json.dumps(record, indent=2, default=float))
     (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     return record
+
+
+def plot_roadmap(rows, png=None):
+    """The roadmap figure: this toolkit's unified-model scores per step (mean ± std over seeds, dots: single seeds)
+    on the left axis, the paper's average VQA on the right, in the paper's order. rows: `ablate.summarize` rows.
+    Returns the matplotlib figure (and writes `png` when given)."""
+    import matplotlib
+    if png is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    steps = list(ROADMAP)
+    get = {(r["setting"], r["metric"]): r for r in rows if r["study"] == "roadmap"}
+    if not any((s, "mllm_vqa_acc") in get for s in steps):
+        raise ValueError("no roadmap results (metric mllm_vqa_acc) among the rows")
+    fig, ax = plt.subplots(figsize=(8.5, 3.6))
+    x = list(range(len(steps)))
+    for metric, label, colour, dx in (("mllm_vqa_acc", "VQA, test pictures", "#4c72b0", -0.08),
+                                      ("mllm_vqa_acc_heldout", "VQA, held-out pairs", "#8fb0e0", 0.0),
+                                      ("mllm_caption_acc", "caption attributes, test pictures", "#55a868", 0.08)):
+        xs = [i for i, s in enumerate(steps) if (s, metric) in get]
+        if not xs:
+            continue
+        means = [get[(steps[i], metric)]["mean"] for i in xs]
+        stds = [0.0 if math.isnan(get[(steps[i], metric)]["std"]) else get[(steps[i], metric)]["std"] for i in xs]
+        ax.errorbar([i + dx for i in xs], means, yerr=stds, marker="o", capsize=4, color=colour, label=label)
+        for i in xs:
+            vals = get[(steps[i], metric)]["values"]
+            ax.scatter([i + dx] * len(vals), vals, color=colour, s=10, alpha=0.6, zorder=3)
+    ax.set_xticks(x)
+    ax.set_xticklabels(steps, rotation=15, fontsize=8)
+    ax.set_ylabel("accuracy here (shapes, CPU scale)")
+    paper = ax.twinx()
+    paper.plot(x, [ROADMAP[s][2] for s in steps], ls="--", marker="s", color="grey", label="paper: average VQA")
+    paper.set_ylabel("paper: average VQA", color="grey")
+    handles = ax.get_legend_handles_labels()[0] + paper.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="lower right")
+    n = max((get[(s, "mllm_vqa_acc")]["n"] for s in steps if (s, "mllm_vqa_acc") in get), default=0)
+    ax.set_title(f"the roadmap in miniature: the same unified model on six tokenizers ({n} seeds)", fontsize=10)
+    fig.tight_layout()
+    if png is not None:
+        fig.savefig(png, dpi=110)
+    return fig
