@@ -387,3 +387,14 @@ def test_roadmap_results_are_tabulated_and_drawn_next_to_the_papers_numbers(tmp_
     assert (tmp_path / "roadmap.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="no roadmap results"):
         plot_roadmap(summarize([{**records[0], "study": "codebooks"}]))
+
+
+def test_model_steps_set_the_unified_models_training_but_not_the_tokenizers(tmp_path):
+    from unitok.ablate import Scale, plan, run_ablation
+
+    short, long = plan("roadmap", 1, Scale()), plan("roadmap", 1, Scale(generator_steps=800))
+    assert [t.spec["steps"] for t in long] == [800] * 6 and [t.spec["steps"] for t in short] == [200] * 6
+    assert [t.spec["tokenizer_key"] for t in long] == [t.spec["tokenizer_key"] for t in short]   # reused
+    assert long[0].key != short[0].key
+    with pytest.raises(ValueError, match="--model-steps must be >= 1"):
+        run_ablation("roadmap", seeds=1, model_steps=0, out=tmp_path / "abl")

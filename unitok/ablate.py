@@ -748,13 +748,15 @@ def run_ablation(studies: Union[str, Sequence[str]], seeds: Union[int, Sequence[
                  steps: Optional[int] = None, out: Union[str, Path] = "runs/ablate", jobs: int = 1,
                  scale: Optional[Scale] = None, overrides: Optional[List[str]] = None, fid: Optional[str] = None,
                  eval_images: Optional[int] = None, device: Optional[str] = None,
-                 log: Callable = print) -> List[dict]:
+                 model_steps: Optional[int] = None, log: Callable = print) -> List[dict]:
     """Run every (study, setting, seed) of `studies` that OUT/results.jsonl does not hold yet; return all records.
 
     Args:
         studies: "codebooks", "codebooks,init", "all" or a list of names (see `STUDIES`).
         seeds: a count (seeds 0..n-1) or a list of seeds.
         steps, overrides, fid, eval_images, device: change the default `Scale` (or pass `scale`).
+        model_steps: training steps of the models trained *on* the tokenizers (the generation study's generator,
+            the roadmap's unified model; `Scale.generator_steps`); default: `steps`.
         out: the ablation's folder (results.jsonl, ablate.json, runs/). Held with a lock while this runs.
         jobs: runs trained at the same time, each in its own process with cpu_count // jobs threads (a GPU is
             used when there is one).
@@ -773,8 +775,12 @@ def run_ablation(studies: Union[str, Sequence[str]], seeds: Union[int, Sequence[
         scale.eval_images = int(eval_images)
     if device is not None:
         scale.device = device
+    if model_steps is not None:
+        scale.generator_steps = int(model_steps)
     if scale.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {scale.steps}")
+    if scale.generator_steps is not None and scale.generator_steps < 1:
+        raise ValueError(f"--model-steps must be >= 1, got {scale.generator_steps}")
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"--jobs must be a positive integer, got {jobs!r}")
     _check_fid(scale.fid)
@@ -1068,6 +1074,8 @@ def add_ablate_command(sub) -> None:
     a.add_argument("dir", nargs="?", help="for `report`: the ablation folder (or its results.jsonl)")
     a.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per setting (default 3)")
     a.add_argument("--steps", type=int, help=f"training steps per run (default {Scale.steps})")
+    a.add_argument("--model-steps", type=int, help="training steps of the generator (generation) and of the unified "
+                   "model (roadmap) trained on each tokenizer (default: --steps)")
     a.add_argument("--out", default="runs/ablate", help="the ablation folder (default runs/ablate)")
     a.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, one process each")
     a.add_argument("--fid", choices=["proxy", "none"], default="proxy",
@@ -1097,7 +1105,8 @@ def _ablate_command(args) -> int:
     start = time.perf_counter()
     try:
         records = run_ablation(args.study, seeds=args.seeds, steps=args.steps, out=args.out, jobs=args.jobs,
-                               overrides=args.set, fid=args.fid, eval_images=args.eval_images, device=args.device)
+                               overrides=args.set, fid=args.fid, eval_images=args.eval_images, device=args.device,
+                               model_steps=args.model_steps)
     except KeyboardInterrupt:
         raise Interrupted(f"finished runs are kept in {args.out}/results.jsonl; run the same command again to "
                           f"continue (finished runs are skipped, a half-trained one resumes from its checkpoint)") \
