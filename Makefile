@@ -71,10 +71,12 @@ checkpoint: venv
 	$(BIN)/python -m unitok.cli export runs/tiny-shapes data/tiny-shapes --overwrite
 
 # Re-create the bundled generator in data/tiny-generator/ from the bundled tokenizer's codes (the train-generator
-# defaults: 1500 steps in bf16 on AMX CPUs; see data/README.md for its time and scores).
+# defaults: 1500 steps in bf16 on AMX CPUs; see data/README.md for its time and scores). The bundle was trained
+# before the codebook-aware logits became the default, so this pins code_logits=linear to re-create it exactly;
+# drop that setting to train one with the new default (docs/generation.md).
 generator: venv
 	OMP_NUM_THREADS=1 $(BIN)/python -m unitok.cli train-generator --tokenizer data/tiny-shapes --data shapes \
-		--out runs/tiny-generator --overwrite
+		--out runs/tiny-generator --overwrite --set code_logits=linear
 	$(BIN)/python -m unitok.generator_cli export runs/tiny-generator data/tiny-generator --overwrite
 
 # Re-create the bundled unified model in data/tiny-mllm/ (reads and writes images through data/tiny-shapes' tokens;

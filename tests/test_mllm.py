@@ -337,6 +337,9 @@ def test_notebook_10_runs_in_smoke_mode(subprocess_env):
         "assert 0.0 <= results['vqa_acc'] <= 1.0 and results['image_nll'] > 0\n"
         "assert len(captions) == 8 and all(isinstance(c, str) for c in captions)\n"
         "assert samples.shape[1:] == (8, 8, 8) and chat.last_answer is not None\n"
+        "from unitok.mllm_roadmap import ROADMAP\n"
+        "vqa = {r['setting']: r for r in roadmap_rows if r['metric'] == 'mllm_vqa_acc'}\n"
+        "assert list(vqa) == list(ROADMAP) and all(r['n'] == 3 for r in vqa.values())\n"
         "print('checks passed')"))
     import os
     saved = {k: os.environ.get(k) for k in ("UNITOK_SMOKE", "OMP_NUM_THREADS")}
