@@ -1,7 +1,9 @@
 """The paper's roadmap figure in miniature: the same unified model trained on six tokenizer variants.
 
-    unitok ablate roadmap --seeds 3 --steps 200      # 5 tokenizers + 6 unified models per seed -> runs/ablate
-    unitok ablate report runs/ablate                 # mean +- std per step of the roadmap, with error bars
+    unitok ablate roadmap --seeds 3 --model-steps 800   # 5 tokenizers (200 steps) + 6 unified models per seed
+    unitok ablate report runs/ablate                    # mean +- std per step, error bars, roadmap.png
+
+The bundled study and what it shows: docs/ablations/roadmap and docs/mllm.md.
 
 The paper's order (average VQA of its MLLM on each variant):
 
