@@ -190,7 +190,7 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# a small pre-norm causal transformer with a KV cache
+# the output classifier over each sub-codebook's K codes
 # ---------------------------------------------------------------------------------------------------------------
 class CodeClassifier(nn.Linear):
     """Logits over the K codes of each sub-codebook, from head states.
@@ -243,6 +243,9 @@ class CodeClassifier(nn.Linear):
         return logits + torch.einsum("mjd,jcd->mjc", q, self.code_vectors.to(x.dtype))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# a small pre-norm causal transformer with a KV cache
+# ---------------------------------------------------------------------------------------------------------------
 class KVCache:
     """Keys and values of every layer for the positions seen so far: lists of (B, heads, T, head_dim)."""
 
@@ -376,11 +379,9 @@ class TokenGenerator(nn.Module):
             self.depth_embed = nn.Embedding(max(k - 1, 1) * K, Dd)  # k-1 tables for sub-codes 1..k-1
             self.register_buffer("depth_offsets", torch.arange(max(k - 1, 1)) * K, persistent=False)
             self.depth = CausalTransformer(Dd, cfg.depth_layers, cfg.depth_heads, cfg.mlp_ratio, cfg.dropout)
-            self.classifier = CodeClassifier(Dd, k, K, cfg.latent_dim // k, shared=True,     # shared by the k
-                                             geometry=cfg.code_logits == "codebook")         # sub-codes
-        else:   # k independent heads in one matrix
-            self.classifier = CodeClassifier(D, k, K, cfg.latent_dim // k, shared=False,
-                                             geometry=cfg.code_logits == "codebook")
+        # depth: one classifier shared by the k sub-codes; parallel: k independent heads in one matrix
+        self.classifier = CodeClassifier(Dd if cfg.head == "depth" else D, k, K, cfg.latent_dim // k,
+                                         shared=cfg.head == "depth", geometry=cfg.code_logits == "codebook")
         self._init_weights()
         self._tokenizer = [tokenizer]   # a list, so the frozen tokenizer is not registered as a submodule
         if tokenizer is not None:

@@ -127,8 +127,10 @@ def plot_roadmap(rows, png=None):
         matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    from .ablate import _plot_data
+
     steps = list(ROADMAP)
-    get = {(r["setting"], r["metric"]): r for r in rows if r["study"] == "roadmap"}
+    _, _, get = _plot_data(rows, "roadmap")      # (setting, metric) -> summary row
     if not any((s, "mllm_vqa_acc") in get for s in steps):
         raise ValueError("no roadmap results (metric mllm_vqa_acc) among the rows")
     fig, ax = plt.subplots(figsize=(8.5, 3.6))
