@@ -378,3 +378,25 @@ def test_generate_cli_with_the_bundled_generator(run_cli, tmp_path):
     assert bad.returncode == 2 and "non-empty" in bad.stderr
     bad = run_cli("generate", "--class", "3", "--out", tmp_path / "z.npz", check=False)
     assert bad.returncode == 2 and "--class" in bad.stderr
+
+
+@pytest.mark.skipif(not (ROOT / "data" / "tiny-generator" / "model.safetensors").exists(),
+                    reason="the bundled generator is recreated by `make generator`")
+def test_export_records_recommended_sampling_and_keeps_the_summary(tmp_path):
+    from unitok.generator_cli import export_generator, parse_sampling, recommended_sampling
+
+    src = ROOT / "data" / "tiny-generator"
+    dest = export_generator(src, tmp_path / "g", sampling=parse_sampling(["top_k=4", "cfg_scale=2.5"]))
+    measured = json.loads((src / "summary.json").read_text())["sampling"]
+    assert recommended_sampling(dest) == {"temperature": measured["temperature"], "top_p": measured["top_p"],
+                                          "top_k": 4, "cfg_scale": 2.5}
+    assert json.loads((dest / "summary.json").read_text()) == json.loads((src / "summary.json").read_text())
+    # without --sampling the folder recommends what its summary was measured with
+    plain = export_generator(src, tmp_path / "h")
+    assert recommended_sampling(plain) == {k: measured[k] for k in ("temperature", "top_k", "top_p", "cfg_scale")}
+    for bad, expected in (("top_k", "KEY=VALUE"), ("beam=3", "KEY=VALUE"), ("top_k=four", "top_k=<int>")):
+        with pytest.raises(ValueError, match=expected):
+            parse_sampling([bad])
+    with pytest.raises(ValueError, match="top_k must be an int >= 0"):
+        export_generator(src, tmp_path / "k", sampling={"top_k": -1})
+    assert not (tmp_path / "k").exists()

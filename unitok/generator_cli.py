@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -214,9 +215,28 @@ def _generate(args) -> int:
     return 0
 
 
-def export_generator(run, dest, overwrite: bool = True) -> Path:
+def parse_sampling(items) -> dict:
+    """["top_k=4", "cfg_scale=3"] -> {"top_k": 4, "cfg_scale": 3.0}; ValueError naming the expected keys."""
+    out = {}
+    for item in items or []:
+        key, sep, value = str(item).partition("=")
+        if not sep or key not in DEFAULT_SAMPLING:
+            raise ValueError(f"expected KEY=VALUE with KEY one of {sorted(DEFAULT_SAMPLING)}, got {item!r}")
+        kind = type(DEFAULT_SAMPLING[key])
+        try:
+            out[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"expected {key}=<{kind.__name__}>, got {item!r}") from None
+    return out
+
+
+def export_generator(run, dest, overwrite: bool = True, sampling: Optional[dict] = None) -> Path:
     """A run folder's best generator (lowest held-out NLL) -> `dest` as fp16 weights + config.json, with the
-    tokenizer path rewritten relative to `dest`, the recommended sampling settings and the run's summary."""
+    tokenizer path rewritten relative to `dest`, the recommended sampling settings and the run's summary.
+
+    sampling: recommended settings that `unitok generate` will use for this folder; by default the ones the run's
+    summary was measured with. The summary is copied unchanged, so its numbers keep saying which settings made them.
+    """
     from .runs import atomic_write_text, staged_folder
 
     run = Path(run)
@@ -224,12 +244,13 @@ def export_generator(run, dest, overwrite: bool = True) -> Path:
     meta = json.loads((folder / "config.json").read_text())
     tokenizer_dir = (folder / meta["tokenizer"]).resolve() if meta.get("tokenizer") else None
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    recommended = {k: v for k, v in summary.get("sampling", DEFAULT_SAMPLING).items() if k in DEFAULT_SAMPLING}
+    recommended.update(sampling or {})
+    generator._check_sampling(**{**DEFAULT_SAMPLING, **recommended})
     dest = Path(dest)
     with staged_folder(dest, overwrite=overwrite) as tmp:
         generator.save_pretrained(tmp, tokenizer_path=tokenizer_dir, dtype=torch.float16,
-                                  extra={"sampling": {k: v for k, v in summary.get("sampling", DEFAULT_SAMPLING).items()
-                                                      if k in DEFAULT_SAMPLING},
-                                         "steps": meta.get("steps")})
+                                  extra={"sampling": recommended, "steps": meta.get("steps")})
         meta_new = json.loads((tmp / "config.json").read_text())
         if tokenizer_dir is not None:   # relative to the final folder, not the temporary one
             import os
@@ -252,9 +273,13 @@ if __name__ == "__main__":   # python -m unitok.generator_cli export RUN DEST (w
     e.add_argument("dest")
     e.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty DEST (its old contents are moved aside, not deleted)")
+    e.add_argument("--sampling", action="append", metavar="KEY=VALUE",
+                   help="recommend a sampling setting for `unitok generate`, e.g. --sampling top_k=4 (default: the "
+                        "settings the run's summary was measured with)")
     e.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = ap.parse_args()
     from .cli import run_reporting_errors
 
-    sys.exit(run_reporting_errors("python -m unitok.generator_cli export",
-                                  lambda: export_generator(a.run, a.dest, overwrite=a.overwrite), a.debug))
+    sys.exit(run_reporting_errors(
+        "python -m unitok.generator_cli export",
+        lambda: export_generator(a.run, a.dest, overwrite=a.overwrite, sampling=parse_sampling(a.sampling)), a.debug))
