@@ -83,6 +83,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         seed: selects the stream; same seed, split and index give the identical item.
         max_objects: 1 or 2; default 2 for "train"/"test" and 1 for "heldout". With two objects both are small and
             sit in cells two steps apart on the 3x3 grid (never the centre), so they never overlap.
+        p_no_colour: the share of captions that leave the colours out (default ``P_NO_COLOUR``, what the tokenizer
+            trains on). Only the captions change: the same random numbers are drawn, so the pictures stay the same.
+            A text-to-image generator wants 0 (every caption says what to draw).
     """
 
     SHAPES, COLOURS = SHAPES, COLOURS
@@ -126,7 +129,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     )
 
     def __init__(self, image_size: int = 32, split: str = "train", length: int | None = None, seed: int = 0,
-                 max_objects: int | None = None):
+                 max_objects: int | None = None, p_no_colour: float | None = None):
         if split not in self.SPLITS:
             raise ValueError(f"ShapesDataset split must be one of {self.SPLITS}, got {split!r}")
         if max_objects is None:
@@ -141,6 +144,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         if self.image_size < 16:
             raise ValueError(f"ShapesDataset needs image_size >= 16 to draw recognisable shapes, got {image_size}")
         self.split, self.length, self.seed, self.max_objects = split, int(length), int(seed), max_objects
+        if p_no_colour is None:
+            p_no_colour = self.P_NO_COLOUR
+        if isinstance(p_no_colour, bool) or not isinstance(p_no_colour, (int, float)) or not 0 <= p_no_colour <= 1:
+            raise ValueError(f"p_no_colour must be a number in [0, 1], got {p_no_colour!r}")
+        self.p_no_colour = float(p_no_colour)
 
         heldout = set(self.heldout_pairs)
         self._train_pairs = [(c, s) for c in self.COLOURS for s in self.SHAPES if (c, s) not in heldout]
@@ -210,7 +218,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def _caption(self, rng: random.Random, objects: list[dict], background: str) -> str:
         # A share of captions leave the colours out ("a large star on the left"): colour, position and background
         # alone tell most images of a batch apart, so without these the contrastive loss never needs the shape.
-        with_colour = rng.random() >= self.P_NO_COLOUR
+        with_colour = rng.random() >= self.p_no_colour
 
         def phrase(obj, article=True):
             words = ([obj["size"]] if rng.random() < 0.5 else []) + [obj["colour"]] * with_colour + [obj["shape"]]

@@ -17,7 +17,8 @@ Conditioning (GeneratorConfig.condition):
     "text"         the same tower's pooled, CLIP-aligned feature (B, embed_dim) as one prefix token
     "class"        a class-label embedding with one extra null row
 Every kind has a learned null condition (label dropout in training; the unconditional branch of classifier-free
-guidance at sampling).
+guidance at sampling). With `condition_at_every_position` (the default) a linear map of the mean prefix token is
+also added to every image position's input, so no position has to find the prompt through attention.
 
 Positions: learned 2D embeddings (a row table plus a column table, summed). The grid size is fixed by the tokenizer,
 so nothing needs to extrapolate to other sizes (RoPE's advantage); the factorised tables keep the 2D neighbourhood
@@ -90,6 +91,10 @@ class GeneratorConfig:
     num_classes: int = 64
     class_names: List[str] = field(default_factory=list)   # class i's name, so prompts like "a red star" map to it
     label_dropout: float = 0.1        # probability of replacing a condition by the null one in training
+    # also add a linear map of the mean prefix token to every image position's input: each position then holds the
+    # condition in its own residual stream instead of having to find it through attention. False is the
+    # reference's prefix alone; True drew the prompted colour 89 % of the time against 76 % (docs/generation.md)
+    condition_at_every_position: bool = True
     text_dim: int = 64                # pooled text feature size (tokenizer embed_dim)
     text_width: int = 64              # per-token text state size (tokenizer text_width)
     context_length: int = 24          # text tokens (tokenizer context_length)
@@ -371,6 +376,8 @@ class TokenGenerator(nn.Module):
             self.cond_proj = nn.Linear(cfg.text_width if cfg.condition == "text_tokens" else cfg.text_dim, D)
             self.null_cond = nn.Parameter(torch.zeros(P, D))
         self.prefix_pos = nn.Parameter(torch.zeros(P, D))
+        if cfg.condition_at_every_position:
+            self.condition_to_positions = nn.Linear(D, D)
         self.spatial = CausalTransformer(D, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.dropout)
         # output head
         if cfg.head == "depth":
@@ -588,11 +595,17 @@ class TokenGenerator(nn.Module):
         pos = (self.row_embed[:, None] + self.col_embed[None]).reshape(g * g, -1)
         return pos[start:end]
 
+    def position_condition(self, prefix: torch.Tensor):
+        """prefix (B, P, D) -> what every image slot adds (B, 1, D) with `condition_at_every_position`, else 0."""
+        if not self.config.condition_at_every_position:
+            return 0
+        return self.condition_to_positions(prefix.mean(1, keepdim=True))
+
     def _spatial_inputs(self, prefix: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """prefix (B, P, D), codes (B, T, k) of positions 0..T-1 (T < N) -> sequence (B, P + T, D) whose slot
         P-1+t carries pos(t): the last slot asks for position T."""
         P, T = prefix.shape[1], codes.shape[1]
-        seq = torch.cat([prefix, self.embed_codes(codes)], 1) if T else prefix
+        seq = torch.cat([prefix, self.embed_codes(codes) + self.position_condition(prefix)], 1) if T else prefix
         pos = torch.cat([seq.new_zeros(P - 1, seq.shape[-1]), self.pos_embed(0, T + 1)])
         return seq + pos
 
@@ -748,6 +761,7 @@ class TokenGenerator(nn.Module):
         was_training = self.training
         self.eval()
         try:
+            everywhere = self.position_condition(prefix)
             cache = self.spatial.new_cache() if use_cache else None
             for t in range(first_n, N):
                 if not use_cache:
@@ -759,7 +773,7 @@ class TokenGenerator(nn.Module):
                         x = self.embed_codes(flat[:, t - 1:t].repeat(reps, 1, 1))
                     else:   # the causal projection reads the positions before it too: recompute, keep the last
                         x = self.embed_codes(flat[:, :t].repeat(reps, 1, 1))[:, -1:]
-                    x = x + self.pos_embed(t, t + 1)
+                    x = x + self.pos_embed(t, t + 1) + everywhere
                     h = self.spatial(x, cache)[:, -1]
                 c, p, e = self._sample_position(h, u[:, t], B, guided, settings, use_cache)
                 flat[:, t] = c
@@ -908,7 +922,8 @@ class TokenGenerator(nn.Module):
                 raise FileNotFoundError(f"{directory / name} not found; expected a folder written by "
                                         f"TokenGenerator.save_pretrained (or `unitok train-generator`)")
         meta = json.loads((directory / "config.json").read_text())
-        meta["generator"].setdefault("code_logits", "linear")   # saved before the option existed
+        meta["generator"].setdefault("code_logits", "linear")   # saved before these options existed
+        meta["generator"].setdefault("condition_at_every_position", False)
         config = GeneratorConfig(**meta["generator"])
         if tokenizer is None and meta.get("tokenizer"):
             tokenizer = UniTok.from_pretrained((directory / meta["tokenizer"]).resolve(), map_location=map_location)

@@ -78,14 +78,18 @@ def _train_generator(args) -> int:
     resuming = args.resume and holds_run(out)
     if resuming:
         saved = json.loads((out / "config.json").read_text())
+        # runs from before these options: the tokenizer's captions, the condition as a prefix only
+        saved["train"].setdefault("p_no_colour", 0.5)
+        saved["generator"].setdefault("condition_at_every_position", False)
         gen, train = apply_generator_overrides(GeneratorConfig(**saved["generator"]),
                                                GeneratorTrainConfig(**saved["train"]), overrides)
         digest = tokenizer_hash(tokenizer)
         if saved.get("data", {}).get("tokenizer_sha256") not in (None, digest):
             raise ValueError(f"--tokenizer {args.tokenizer} is not the tokenizer the run in {out} was trained on "
                              f"(weight hash differs); resume with the same tokenizer or start a new run")
-        codes = extract_codes(tokenizer, "shapes", "train", train.train_images, train.seed, digest=digest)
-        evals = {s: extract_codes(tokenizer, "shapes", s, train.eval_images, train.seed, digest=digest)
+        kw = dict(digest=digest, p_no_colour=train.p_no_colour)
+        codes = extract_codes(tokenizer, "shapes", "train", train.train_images, train.seed, **kw)
+        evals = {s: extract_codes(tokenizer, "shapes", s, train.eval_images, train.seed, **kw)
                  for s in ("test", "heldout")}
         trainer = GeneratorTrainer(gen, train, tokenizer, codes, evals, out_dir=out, resume=True,
                                    tokenizer_path=args.tokenizer, data_spec=saved.get("data"))

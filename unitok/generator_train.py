@@ -59,6 +59,9 @@ class GeneratorTrainConfig:
     seed: int = 0
     train_images: int = 20_000        # codes extracted once from this many training images (~6 epochs)
     eval_images: int = 512            # per held-out set (test split: seen pairs; heldout split: unseen pairs)
+    # shapes: the share of captions without colours. The tokenizer's data leaves them out of half its captions (a
+    # contrastive trick); a generator taught on those learns colour from half the data (docs/generation.md)
+    p_no_colour: float = 0.0
     eval_every: int = 250
     checkpoint_every: int = 250
     log_every: int = 10
@@ -113,12 +116,12 @@ class CodeSet(torch.utils.data.Dataset):
                 "caption": [self.captions[i] for i in index.tolist()]}
 
 
-def _dataset_for(data: str, image_size: int, split: str, num_images: int, seed: int):
+def _dataset_for(data: str, image_size: int, split: str, num_images: int, seed: int, p_no_colour: float):
     if data == "shapes":
         # held-out pairs appear only as single objects, so the seen-pair sets are single-object too: every set then
         # measures the same kind of picture
         return ShapesDataset(image_size, split, length=num_images, seed=seed,
-                             max_objects=None if split == "train" else 1)
+                             max_objects=None if split == "train" else 1, p_no_colour=p_no_colour)
     ds = build_dataset(data, image_size, split=split)
     return torch.utils.data.Subset(ds, range(min(num_images, len(ds))))
 
@@ -126,11 +129,13 @@ def _dataset_for(data: str, image_size: int, split: str, num_images: int, seed: 
 @torch.no_grad()
 def extract_codes(tokenizer, data: str = "shapes", split: str = "train", num_images: int = 20_000, seed: int = 0,
                   batch_size: int = 256, cache_dir: Optional[Union[str, Path]] = None, progress: bool = True,
-                  digest: Optional[str] = None) -> CodeSet:
+                  digest: Optional[str] = None, p_no_colour: float = 0.0) -> CodeSet:
     """Encode `num_images` images of a dataset split with the frozen tokenizer, or load them from the cache.
 
-    The cache file is `<cache_dir>/codes/<data>-<split>-<n>-seed<seed>-<tokenizer hash>.pt`; `digest` is the
-    tokenizer's `tokenizer_hash` when already known (it is recomputed otherwise).
+    The cache file is `<cache_dir>/codes/<data>-<split>-<n>-seed<seed>-<px>[-pnc<p>]-<tokenizer hash>.pt`; `digest`
+    is the tokenizer's `tokenizer_hash` when already known (it is recomputed otherwise). `p_no_colour` (shapes
+    only): the share of captions that leave the colours out; 0 (the default) names every colour, since a
+    text-to-image model can only learn to draw what its captions say (the tokenizer trains on 0.5).
     """
     from tqdm.auto import tqdm
 
@@ -138,13 +143,15 @@ def extract_codes(tokenizer, data: str = "shapes", split: str = "train", num_ima
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     digest = digest or tokenizer_hash(tokenizer)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache / "codes" / f"{data}-{split}-{num_images}-seed{seed}-{tokenizer.config.image_size}px-{digest[:16]}.pt"
+    captions = f"-pnc{p_no_colour:g}" if data == "shapes" else ""
+    path = cache / "codes" / (f"{data}-{split}-{num_images}-seed{seed}-{tokenizer.config.image_size}px{captions}-"
+                              f"{digest[:16]}.pt")
     if path.is_file():
         state = read_torch(path, what="a cached code file")
         if state.get("tokenizer_sha256") == digest:
             return CodeSet(state["codes"], state["ids"], state["labels"], state["captions"],
                            {"cache": str(path), "tokenizer_sha256": digest})
-    ds = _dataset_for(data, tokenizer.config.image_size, split, num_images, seed)
+    ds = _dataset_for(data, tokenizer.config.image_size, split, num_images, seed, p_no_colour)
     device = tokenizer.logit_scale.device
     was_training = tokenizer.training
     tokenizer.eval()
@@ -243,13 +250,11 @@ class GeneratorTrainer:
                                      **({"num_classes": len(class_names)} if class_names else {}))
         gen, train = apply_generator_overrides(gen, GeneratorTrainConfig(), overrides)
         digest = tokenizer_hash(tokenizer)
-        codes = extract_codes(tokenizer, data, "train", train.train_images, train.seed, progress=progress,
-                              digest=digest)
-        evals = {"test": extract_codes(tokenizer, data, "test", train.eval_images, train.seed, progress=progress,
-                                       digest=digest)}
+        kw = dict(progress=progress, digest=digest, p_no_colour=train.p_no_colour)
+        codes = extract_codes(tokenizer, data, "train", train.train_images, train.seed, **kw)
+        evals = {"test": extract_codes(tokenizer, data, "test", train.eval_images, train.seed, **kw)}
         if data == "shapes":
-            evals["heldout"] = extract_codes(tokenizer, data, "heldout", train.eval_images, train.seed,
-                                             progress=progress, digest=digest)
+            evals["heldout"] = extract_codes(tokenizer, data, "heldout", train.eval_images, train.seed, **kw)
         return cls(gen, train, tokenizer, codes, evals, out_dir=out_dir, resume=resume, overwrite=overwrite,
                    tokenizer_path=tokenizer_path, data_spec={"name": data, "tokenizer_sha256": digest})
 
