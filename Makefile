@@ -71,13 +71,14 @@ checkpoint: venv
 	$(BIN)/python -m unitok.cli export runs/tiny-shapes data/tiny-shapes --overwrite
 
 # Re-create the bundled generator in data/tiny-generator/ from the bundled tokenizer's codes (the train-generator
-# defaults: 1500 steps in bf16 on AMX CPUs; see data/README.md for its time and scores). The bundle was trained
-# before the codebook-aware logits became the default, so this pins code_logits=linear to re-create it exactly;
-# drop that setting to train one with the new default (docs/generation.md).
+# defaults: 3000 steps of batch 32; see data/README.md for its time and scores). Its summary.json is measured at the
+# plain setting (CFG 3, temperature 1, no top-k) so runs stay comparable; the folder recommends temperature 0.8,
+# top-k 4 and CFG 5 (docs/generation.md), which `unitok generate` uses.
 generator: venv
-	OMP_NUM_THREADS=1 $(BIN)/python -m unitok.cli train-generator --tokenizer data/tiny-shapes --data shapes \
-		--out runs/tiny-generator --overwrite --set code_logits=linear
-	$(BIN)/python -m unitok.generator_cli export runs/tiny-generator data/tiny-generator --overwrite
+	$(BIN)/python -m unitok.cli train-generator --tokenizer data/tiny-shapes --data shapes \
+		--out runs/tiny-generator --overwrite
+	$(BIN)/python -m unitok.generator_cli export runs/tiny-generator data/tiny-generator --overwrite \
+		--sampling temperature=0.8 --sampling top_k=4 --sampling cfg_scale=5
 
 # Re-create the bundled unified model in data/tiny-mllm/ (reads and writes images through data/tiny-shapes' tokens;
 # the train-mllm defaults: 4500 steps in bf16 on AMX CPUs, about 16 minutes on one core; see data/README.md).

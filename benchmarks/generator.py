@@ -1,6 +1,6 @@
 """Generator throughput: training images/s, and sampling images/s with and without the KV cache, side by side.
 
-    python benchmarks/generator.py [--preset tiny] [--batch 64] [--steps 5] [--sample-batch 16 64] [--json FILE]
+    python benchmarks/generator.py [--preset tiny] [--batch 32] [--steps 5] [--sample-batch 16 64] [--json FILE]
 
 Everything runs in one process next to an fp32 matmul-peak measurement (before and after the timings), so the
 numbers can be scaled to another machine: time x (measured peak / 192 GFLOP/s) is the time on a 192 GFLOP/s
@@ -88,7 +88,7 @@ def time_sampling(gen, batch: int, use_cache: bool, device, repeats: int = 1) ->
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=["tiny", "base"])
-    ap.add_argument("--batch", type=int, default=64, help="training batch")
+    ap.add_argument("--batch", type=int, default=GeneratorTrainConfig.batch_size, help="training batch")
     ap.add_argument("--steps", type=int, default=5, help="timed training steps (median)")
     ap.add_argument("--sample-batch", type=int, nargs="+", default=[16, 64], help="images per sampling call")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
