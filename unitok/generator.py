@@ -131,6 +131,14 @@ class GeneratorConfig:
         if problems:
             raise ValueError("invalid GeneratorConfig: " + "; ".join(problems))
 
+    # options added after generators were first saved, with the value those generators were trained with
+    SAVED_BEFORE = {"code_logits": "linear", "condition_at_every_position": False}
+
+    @classmethod
+    def from_saved(cls, values: dict) -> "GeneratorConfig":
+        """A config dict from a saved folder or run -> the config it was trained with, whatever today's defaults."""
+        return cls(**{**cls.SAVED_BEFORE, **values})
+
     @property
     def num_positions(self) -> int:
         return self.grid_size ** 2
@@ -922,9 +930,7 @@ class TokenGenerator(nn.Module):
                 raise FileNotFoundError(f"{directory / name} not found; expected a folder written by "
                                         f"TokenGenerator.save_pretrained (or `unitok train-generator`)")
         meta = json.loads((directory / "config.json").read_text())
-        meta["generator"].setdefault("code_logits", "linear")   # saved before these options existed
-        meta["generator"].setdefault("condition_at_every_position", False)
-        config = GeneratorConfig(**meta["generator"])
+        config = GeneratorConfig.from_saved(meta["generator"])
         if tokenizer is None and meta.get("tokenizer"):
             tokenizer = UniTok.from_pretrained((directory / meta["tokenizer"]).resolve(), map_location=map_location)
         model = cls(config)

@@ -63,7 +63,7 @@ def add_generator_commands(sub) -> None:
 def _train_generator(args) -> int:
     from .generator import GeneratorConfig
     from .generator_train import (GeneratorTrainConfig, GeneratorTrainer, apply_generator_overrides,
-                                  evaluate_samples, extract_codes, load_shape_classifier)
+                                  evaluate_samples, extract_run_codes, load_shape_classifier)
     from .generator import tokenizer_hash
     from .model import UniTok
     from .runs import holds_run, prepare_run_folder
@@ -78,19 +78,14 @@ def _train_generator(args) -> int:
     resuming = args.resume and holds_run(out)
     if resuming:
         saved = json.loads((out / "config.json").read_text())
-        # runs from before these options: the tokenizer's captions, the condition as a prefix only
-        saved["train"].setdefault("p_no_colour", 0.5)
-        saved["generator"].setdefault("condition_at_every_position", False)
-        gen, train = apply_generator_overrides(GeneratorConfig(**saved["generator"]),
+        saved["train"].setdefault("p_no_colour", 0.5)   # runs from before the option: the tokenizer's captions
+        gen, train = apply_generator_overrides(GeneratorConfig.from_saved(saved["generator"]),
                                                GeneratorTrainConfig(**saved["train"]), overrides)
         digest = tokenizer_hash(tokenizer)
         if saved.get("data", {}).get("tokenizer_sha256") not in (None, digest):
             raise ValueError(f"--tokenizer {args.tokenizer} is not the tokenizer the run in {out} was trained on "
                              f"(weight hash differs); resume with the same tokenizer or start a new run")
-        kw = dict(digest=digest, p_no_colour=train.p_no_colour)
-        codes = extract_codes(tokenizer, "shapes", "train", train.train_images, train.seed, **kw)
-        evals = {s: extract_codes(tokenizer, "shapes", s, train.eval_images, train.seed, **kw)
-                 for s in ("test", "heldout")}
+        codes, evals = extract_run_codes(tokenizer, "shapes", train, digest)
         trainer = GeneratorTrainer(gen, train, tokenizer, codes, evals, out_dir=out, resume=True,
                                    tokenizer_path=args.tokenizer, data_spec=saved.get("data"))
     else:

@@ -175,6 +175,15 @@ def extract_codes(tokenizer, data: str = "shapes", split: str = "train", num_ima
                                                                             "tokenizer_sha256": digest})
 
 
+def extract_run_codes(tokenizer, data: str, train: "GeneratorTrainConfig", digest: Optional[str] = None,
+                      progress: bool = True) -> tuple:
+    """The codes a training run uses -> (train CodeSet, {"test": CodeSet[, "heldout": CodeSet for shapes]})."""
+    kw = dict(progress=progress, digest=digest, p_no_colour=train.p_no_colour)
+    codes = extract_codes(tokenizer, data, "train", train.train_images, train.seed, **kw)
+    splits = ("test", "heldout") if data == "shapes" else ("test",)
+    return codes, {s: extract_codes(tokenizer, data, s, train.eval_images, train.seed, **kw) for s in splits}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the trainer
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,11 +262,7 @@ class GeneratorTrainer:
                                      **({"num_classes": len(class_names)} if class_names else {}))
         gen, train = apply_generator_overrides(gen, GeneratorTrainConfig(), overrides)
         digest = tokenizer_hash(tokenizer)
-        kw = dict(progress=progress, digest=digest, p_no_colour=train.p_no_colour)
-        codes = extract_codes(tokenizer, data, "train", train.train_images, train.seed, **kw)
-        evals = {"test": extract_codes(tokenizer, data, "test", train.eval_images, train.seed, **kw)}
-        if data == "shapes":
-            evals["heldout"] = extract_codes(tokenizer, data, "heldout", train.eval_images, train.seed, **kw)
+        codes, evals = extract_run_codes(tokenizer, data, train, digest, progress)
         return cls(gen, train, tokenizer, codes, evals, out_dir=out_dir, resume=resume, overwrite=overwrite,
                    tokenizer_path=tokenizer_path, data_spec={"name": data, "tokenizer_sha256": digest})
 
