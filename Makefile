@@ -41,7 +41,7 @@ data:
 	fi
 
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # JupyterLab on 127.0.0.1 with a token (JUPYTER_TOKEN, or a fresh random one printed in the URL below).
 lab: $(LAB_STAMP)

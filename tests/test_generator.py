@@ -13,7 +13,8 @@ import torch
 
 from unitok.data import ShapesDataset
 from unitok.generator import GeneratorConfig, TokenGenerator, tokenizer_hash
-from unitok.generator_train import GeneratorTrainer, apply_generator_overrides, extract_codes, pair_prompts
+from unitok.generator_train import (GeneratorTrainer, apply_generator_overrides, code_neighbours, corrupt_codes,
+                                    extract_codes, pair_prompts)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(width=32, depth=2, num_heads=2, depth_width=32, depth_layers=1, depth_heads=2)
@@ -294,7 +295,7 @@ def code_cache(tmp_path_factory, tokenizer):
     return tmp_path_factory.mktemp("codes")
 
 
-def _trainer(tokenizer, cache, out_dir=None, resume=False, steps=40, **extra):
+def _trainer(tokenizer, cache, out_dir=None, resume=False, steps=40, train_extra=(), **extra):
     digest = tokenizer_hash(tokenizer)
     codes = extract_codes(tokenizer, "shapes", "train", 384, 0, cache_dir=cache, progress=False, digest=digest)
     test = extract_codes(tokenizer, "shapes", "test", 64, 0, cache_dir=cache, progress=False, digest=digest)
@@ -303,7 +304,7 @@ def _trainer(tokenizer, cache, out_dir=None, resume=False, steps=40, **extra):
                                            .GeneratorTrainConfig(), [f"steps={steps}", "batch_size=16",
                                                                     "eval_every=0", "checkpoint_every=0",
                                                                     "lr=3e-3", "warmup_fraction=0.1",
-                                                                    "cpu_bf16=off"])
+                                                                    "cpu_bf16=off", *train_extra])
     return GeneratorTrainer(gen, train, tokenizer, codes, {"test": test}, out_dir=out_dir, resume=resume,
                             tokenizer_path=ROOT / "data" / "tiny-shapes")
 
@@ -345,14 +346,49 @@ def test_short_training_lowers_held_out_nll(tokenizer, code_cache):
     assert len(trainer.history) == 40 and all(np.isfinite(h["loss"]) for h in trainer.history)
 
 
+def test_code_noise_swaps_input_sub_codes_for_their_nearest_codes_and_keeps_the_targets(tokenizer):
+    books = tokenizer.quantizer.normalized_codebooks().detach()          # (k, K, d)
+    neighbours = code_neighbours(books, 4)
+    k, K = books.shape[:2]
+    sim = books @ books.transpose(1, 2)
+    fourth = sim.sort(-1, descending=True).values[..., 4]                 # 5th incl. itself = 4th other code
+    for j in (0, k - 1):
+        picked = sim[j].gather(1, neighbours[j])                          # (K, 4) cosine to the chosen codes
+        assert (neighbours[j] != torch.arange(K)[:, None]).all()          # never the code itself
+        assert (picked >= fourth[j][:, None] - 1e-6).all()                # the 4 nearest others
+    torch.manual_seed(0)
+    codes = torch.randint(K, (64, 8, 8, k))
+    assert torch.equal(corrupt_codes(codes, neighbours, 0.0), codes)
+    noisy = corrupt_codes(codes, neighbours, 0.3)
+    changed = noisy != codes
+    assert 0.27 < changed.float().mean() < 0.33
+    book = torch.arange(k).expand(codes.shape)
+    near = (neighbours[book, codes] == noisy[..., None]).any(-1)         # each change is one of the 4 nearest
+    assert near[changed].all()
+    with pytest.raises(ValueError, match="code_noise must lie in"):
+        __import__("unitok.generator_train").generator_train.GeneratorTrainConfig(code_noise=1.0)
+    with pytest.raises(ValueError, match="code_noise_neighbours must lie in"):
+        code_neighbours(books, K)
+
+    gen = _randomise_head(TokenGenerator(GeneratorConfig.preset("tiny", tokenizer=tokenizer, **SMALL), tokenizer))
+    x = codes[:2, :, :, :gen.config.num_codebooks] % gen.config.codebook_size
+    plain, same = gen(x), gen(x, input_codes=x)
+    assert torch.equal(plain.logits, same.logits)
+    other = gen(x, input_codes=corrupt_codes(x, neighbours, 0.5))
+    flat = other.logits.view(2, 64, -1, gen.config.codebook_size)
+    assert torch.equal(flat[:, 0], plain.logits.view_as(flat)[:, 0])     # position 0 reads no codes
+    assert not torch.allclose(flat[:, 1:], plain.logits.view_as(flat)[:, 1:])
+
+
 def test_resume_is_exact(tokenizer, code_cache, tmp_path):
-    full = _trainer(tokenizer, code_cache, out_dir=tmp_path / "a", steps=6)
+    noisy = ["code_noise=0.3"]   # the input corruption draws from the RNG the checkpoint carries
+    full = _trainer(tokenizer, code_cache, out_dir=tmp_path / "a", steps=6, train_extra=noisy)
     full.run(3, progress=False)
     full.save_checkpoint()
     shutil.copytree(tmp_path / "a", tmp_path / "b", ignore=shutil.ignore_patterns(".lock"))
     full.run(3, progress=False)
     full.close()
-    resumed = _trainer(tokenizer, code_cache, out_dir=tmp_path / "b", resume=True, steps=6)
+    resumed = _trainer(tokenizer, code_cache, out_dir=tmp_path / "b", resume=True, steps=6, train_extra=noisy)
     assert resumed.step_count == 3
     resumed.run(progress=False)
     resumed.close()

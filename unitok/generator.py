@@ -629,8 +629,11 @@ class TokenGenerator(nn.Module):
         return self.classifier(self.depth(x))
 
     def forward(self, codes: torch.Tensor, cond=None, drop: Optional[torch.Tensor] = None,
-                prompts=None, labels=None) -> GeneratorOutput:
+                prompts=None, labels=None, input_codes: Optional[torch.Tensor] = None) -> GeneratorOutput:
         """Teacher-forced pass. codes (B, H, W, k); cond as for `condition_prefix` (or prompts / labels).
+
+        input_codes (B, H, W, k): what the spatial transformer reads as the positions before each one (default:
+        `codes`, the targets); training may pass a corrupted copy (`GeneratorTrainConfig.code_noise`).
 
         Returns logits (B, N, k, K) and the mean cross-entropy over all B*N*k sub-codes. Shapes are checked; values
         are checked only when prompts/labels are given (a range check costs a host sync per training step).
@@ -643,7 +646,8 @@ class TokenGenerator(nn.Module):
         flat = codes.reshape(B, -1, cfg.num_codebooks).to(self.device)
         prefix = self.condition_prefix(cond, drop, batch=B)
         P = prefix.shape[1]
-        h = self.spatial(self._spatial_inputs(prefix, flat[:, :-1]))[:, P - 1:]      # (B, N, D)
+        seen = flat if input_codes is None else input_codes.reshape(B, -1, cfg.num_codebooks).to(self.device)
+        h = self.spatial(self._spatial_inputs(prefix, seen[:, :-1]))[:, P - 1:]      # (B, N, D)
         logits = self.depth_logits(h.reshape(-1, h.shape[-1]), flat.reshape(-1, cfg.num_codebooks))
         logits = logits.view(B, -1, cfg.num_codebooks, cfg.codebook_size)
         loss = F.cross_entropy(logits.float().reshape(-1, cfg.codebook_size), flat.reshape(-1))

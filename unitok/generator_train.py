@@ -65,12 +65,21 @@ class GeneratorTrainConfig:
     # shapes: the share of captions without colours. The tokenizer's data leaves them out of half its captions (a
     # contrastive trick); a generator taught on those learns colour from half the data (docs/generation.md)
     p_no_colour: float = 0.0
+    # the share of the spatial transformer's input sub-codes replaced by one of their `code_noise_neighbours`
+    # nearest codes in the tokenizer's codebook (targets stay the true codes): sampling feeds the model its own
+    # draws, which differ from the tokenizer's codes in many sub-codes, so it learns not to read a shape from them
+    code_noise: float = 0.0
+    code_noise_neighbours: int = 8
     eval_every: int = 250
     checkpoint_every: int = 250
     log_every: int = 10
     device: str = "auto"
     amp: bool = True                  # bf16 autocast on CUDA
     cpu_bf16: str = "auto"            # CPU: "off" (fp32), "on" or "auto" (bf16 where the CPU has AMX: 1.5x faster)
+
+    def __post_init__(self):
+        if not 0.0 <= self.code_noise < 1.0:
+            raise ValueError(f"code_noise must lie in [0, 1) (a share of input sub-codes), got {self.code_noise!r}")
 
 
 def apply_generator_overrides(gen: GeneratorConfig, train: GeneratorTrainConfig, overrides) -> tuple:
@@ -185,6 +194,31 @@ def extract_run_codes(tokenizer, data: str, train: "GeneratorTrainConfig", diges
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# input noise
+# ---------------------------------------------------------------------------------------------------------------
+def code_neighbours(codebooks: torch.Tensor, n: int) -> torch.Tensor:
+    """codebooks (k, K, d) unit-norm code vectors -> (k, K, n) indices of each code's n nearest other codes (by
+    cosine) in its own sub-codebook."""
+    if not 1 <= n < codebooks.shape[1]:
+        raise ValueError(f"code_noise_neighbours must lie in [1, {codebooks.shape[1] - 1}], got {n}")
+    sim = codebooks.float() @ codebooks.float().transpose(1, 2)          # (k, K, K)
+    sim.diagonal(dim1=1, dim2=2).fill_(-math.inf)                          # never "replace" a code by itself
+    return sim.topk(n, dim=-1).indices
+
+
+def corrupt_codes(codes: torch.Tensor, neighbours: torch.Tensor, p: float) -> torch.Tensor:
+    """Replace each sub-code of codes (B, H, W, k) with probability p by a random one of its nearest codes
+    (neighbours (k, K, n) from `code_neighbours`) -> a new tensor. Draws from the global torch RNG, whose state a
+    checkpoint carries, so a resumed run corrupts exactly as the uninterrupted one."""
+    k, n = neighbours.shape[0], neighbours.shape[-1]
+    hit = torch.rand(codes.shape) < p
+    pick = torch.randint(n, codes.shape)
+    book = torch.arange(k).expand(codes.shape)
+    noisy = neighbours.to(codes.device)[book, codes, pick.to(codes.device)]
+    return torch.where(hit.to(codes.device), noisy, codes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the trainer
 # ---------------------------------------------------------------------------------------------------------------
 class GeneratorTrainer:
@@ -232,6 +266,8 @@ class GeneratorTrainer:
             self._lock = RunLock(self.out_dir, COMMAND).acquire()
             weakref.finalize(self, self._lock.release)
         self.optimizer = self._build_optimizer()
+        self.neighbours = (code_neighbours(self.tokenizer.quantizer.normalized_codebooks().detach().cpu(),
+                                           train_config.code_noise_neighbours) if train_config.code_noise else None)
         self.sampler = StepBatchSampler(len(train_codes), train_config.batch_size, train_config.seed, self.rank,
                                         self.world_size)
         self.step_count, self.train_seconds = 0, 0.0
@@ -316,12 +352,13 @@ class GeneratorTrainer:
         cond = self.condition_for(batch)
         # label dropout from the global torch RNG, whose state the checkpoint carries (exact resume)
         drop = (torch.rand(codes.shape[0]) < self.gen_config.label_dropout).to(self.device)
+        seen = corrupt_codes(codes, self.neighbours, self.config.code_noise) if self.neighbours is not None else None
         lr = lr_at(self.step_count, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._train_model.train()
         with self._autocast():
-            out = self._train_model(codes, cond, drop)
+            out = self._train_model(codes, cond, drop, input_codes=seen)
         loss = float(out.loss.detach())                       # one host sync per step
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
