@@ -211,11 +211,11 @@ def corrupt_codes(codes: torch.Tensor, neighbours: torch.Tensor, p: float) -> to
     (neighbours (k, K, n) from `code_neighbours`) -> a new tensor. Draws from the global torch RNG, whose state a
     checkpoint carries, so a resumed run corrupts exactly as the uninterrupted one."""
     k, n = neighbours.shape[0], neighbours.shape[-1]
-    hit = torch.rand(codes.shape) < p
-    pick = torch.randint(n, codes.shape)
-    book = torch.arange(k).expand(codes.shape)
-    noisy = neighbours.to(codes.device)[book, codes, pick.to(codes.device)]
-    return torch.where(hit.to(codes.device), noisy, codes)
+    device = codes.device
+    hit = (torch.rand(codes.shape) < p).to(device)          # drawn on the CPU: the same numbers on any device
+    pick = torch.randint(n, codes.shape).to(device)
+    book = torch.arange(k, device=device).expand(codes.shape)
+    return torch.where(hit, neighbours.to(device)[book, codes, pick], codes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
