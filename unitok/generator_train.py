@@ -254,6 +254,10 @@ class GeneratorTrainer:
                              f"{sorted(train_codes.labels)}")
         seed_everything(train_config.seed)
         self.tokenizer = tokenizer.to(self.device).eval().requires_grad_(False)
+        # built (and checked) before the run folder is touched; kept on the device the codes are corrupted on
+        self.neighbours = (code_neighbours(self.tokenizer.quantizer.normalized_codebooks().detach(),
+                                           train_config.code_noise_neighbours).to(self.device)
+                           if train_config.code_noise else None)
         self.generator = TokenGenerator(gen_config, self.tokenizer).to(self.device)
         self.train_codes, self.eval_codes = train_codes, eval_codes or {}
         self.tokenizer_path = str(tokenizer_path) if tokenizer_path is not None else None
@@ -266,8 +270,6 @@ class GeneratorTrainer:
             self._lock = RunLock(self.out_dir, COMMAND).acquire()
             weakref.finalize(self, self._lock.release)
         self.optimizer = self._build_optimizer()
-        self.neighbours = (code_neighbours(self.tokenizer.quantizer.normalized_codebooks().detach().cpu(),
-                                           train_config.code_noise_neighbours) if train_config.code_noise else None)
         self.sampler = StepBatchSampler(len(train_codes), train_config.batch_size, train_config.seed, self.rank,
                                         self.world_size)
         self.step_count, self.train_seconds = 0, 0.0
