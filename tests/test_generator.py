@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from unitok.data import ShapesDataset
-from unitok.generator import GeneratorConfig, TokenGenerator, tokenizer_hash
-from unitok.generator_train import (GeneratorTrainer, apply_generator_overrides, code_neighbours, corrupt_codes,
-                                    extract_codes, pair_prompts)
+from unitok.generator import GeneratorConfig, TokenGenerator, keep_best_aligned, tokenizer_hash
+from unitok.generator_train import (GeneratorTrainConfig, GeneratorTrainer, apply_generator_overrides,
+                                    code_neighbours, corrupt_codes, extract_codes, mix_own_draws, pair_prompts,
+                                    self_feed_share)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(width=32, depth=2, num_heads=2, depth_width=32, depth_layers=1, depth_heads=2)
@@ -240,6 +241,63 @@ def test_complete_keeps_the_first_positions_and_resample_changes_one(text_gen):
     assert maps["entropy"].shape == (2, 8, 8) and (maps["entropy"] >= 0).all() and (maps["nll"] > 0).all()
 
 
+def test_code_features_are_the_tokenizers_image_feature_of_those_codes(tokenizer):
+    images = ShapesDataset(32, split="test", length=6)
+    x = torch.stack([images[i]["image"] for i in range(6)])
+    with torch.no_grad():
+        assert torch.allclose(tokenizer.code_features(tokenizer.encode(x)), tokenizer.encode_image(x), atol=1e-6)
+    with pytest.raises(ValueError, match="codes must have shape"):
+        tokenizer.code_features(torch.zeros(2, 64, 8, dtype=torch.long))
+
+
+def test_rerank_keeps_the_candidate_the_tokenizer_matches_best_to_the_prompt(text_gen):
+    tok = text_gen.tokenizer
+    prompts = ["a red star", "a blue circle"]
+    picked = text_gen.generate(prompts=prompts, num=2, seed=5, rerank=3)
+    assert picked.shape == (4, 8, 8, 8)
+    pool = text_gen.generate(prompts=prompts, num=6, seed=5).view(2, 2, 3, 8, 8, 8)   # (prompt, sample, draw)
+    with torch.no_grad():
+        text = tok.encode_text(prompts)
+        score = torch.einsum("psde,pe->psd", tok.code_features(pool.flatten(0, 2)).view(2, 2, 3, -1), text)
+    best = pool.flatten(0, 1)[torch.arange(4), score.flatten(0, 1).argmax(1)]
+    assert torch.equal(picked, best)
+    # the kept draw scores at least as well as the plain first draw of each sample, and strictly better somewhere
+    first = score[..., 0].flatten()
+    kept = score.flatten(0, 1).max(1).values
+    assert (kept >= first).all() and (kept > first).any()
+    assert torch.equal(text_gen.generate(prompts=prompts, num=2, seed=5, rerank=1),
+                       text_gen.generate(prompts=prompts, num=2, seed=5))
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="rerank must be an int >= 1"):
+            text_gen.generate(prompts=prompts, num=2, rerank=bad)
+    with pytest.raises(ValueError, match="rerank needs prompts or labels"):
+        text_gen.generate(num=2, rerank=2)
+    with pytest.raises(ValueError, match="candidates"):
+        keep_best_aligned(tok, pool.flatten(0, 2)[:5], prompts, 2)
+
+
+def test_self_feed_mixes_in_the_models_own_draws_by_position_with_a_ramp(tokenizer):
+    cfg = GeneratorTrainConfig(steps=100, self_feed=0.4, self_feed_ramp=0.5)
+    assert [self_feed_share(s, cfg) for s in (0, 25, 50, 99)] == [0.0, 0.2, 0.4, 0.4]
+    assert self_feed_share(0, GeneratorTrainConfig(steps=100, self_feed=0.4, self_feed_ramp=0.0)) == 0.4
+    torch.manual_seed(0)
+    B, N, k, K = 64, 16, 3, 5
+    codes = torch.randint(K, (B, 4, 4, k))
+    # logits that put all mass on (code + 1) % K: a drawn position differs from the true one in every sub-code
+    target = (codes.view(B, N, k) + 1) % K
+    logits = torch.full((B, N, k, K), -1e4).scatter(-1, target[..., None], 0.0)
+    assert torch.equal(mix_own_draws(logits, codes, 0.0), codes)
+    mixed = mix_own_draws(logits, codes, 0.3).view(B, N, k)
+    drawn = (mixed != codes.view(B, N, k))                                 # (B, N, k)
+    assert torch.equal(drawn.all(-1), drawn.any(-1))                       # whole positions, never single sub-codes
+    assert torch.equal(mixed[drawn], target[drawn])                        # and what is drawn comes from the logits
+    assert 0.25 < drawn.all(-1).float().mean() < 0.35
+    with pytest.raises(ValueError, match="self_feed must lie in"):
+        GeneratorTrainConfig(self_feed=1.0)
+    with pytest.raises(ValueError, match="self_feed_ramp must lie in"):
+        GeneratorTrainConfig(self_feed_ramp=1.5)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_bad_inputs_raise_value_errors_naming_what_was_expected(text_gen):
     g = text_gen
@@ -381,7 +439,8 @@ def test_code_noise_swaps_input_sub_codes_for_their_nearest_codes_and_keeps_the_
 
 
 def test_resume_is_exact(tokenizer, code_cache, tmp_path):
-    noisy = ["code_noise=0.3"]   # the input corruption draws from the RNG the checkpoint carries
+    # the input corruption and the model's own draws come from the RNG the checkpoint carries
+    noisy = ["code_noise=0.3", "self_feed=0.5", "self_feed_ramp=0"]
     full = _trainer(tokenizer, code_cache, out_dir=tmp_path / "a", steps=6, train_extra=noisy)
     full.run(3, progress=False)
     full.save_checkpoint()
@@ -439,6 +498,13 @@ def test_generate_cli_with_the_bundled_generator(run_cli, tmp_path):
     assert bad.returncode == 2 and "non-empty" in bad.stderr
     bad = run_cli("generate", "--class", "3", "--out", tmp_path / "z.npz", check=False)
     assert bad.returncode == 2 and "--class" in bad.stderr
+    bad = run_cli("generate", "--prompt", "a red star", "--rerank", "0", "--out", tmp_path / "z.npz", check=False)
+    assert bad.returncode == 2 and "--rerank must be >= 1" in bad.stderr
+    ranked = run_cli("generate", "--prompt", "a green circle", "--num", "2", "--rerank", "3", "--out",
+                     tmp_path / "r.npz")
+    assert "rerank=3" in ranked.stdout
+    with np.load(tmp_path / "r.npz") as r:
+        assert r["codes"].shape == (2, 8, 8, 8)
 
 
 @pytest.mark.skipif(not (ROOT / "data" / "tiny-generator" / "model.safetensors").exists(),

@@ -205,6 +205,28 @@ def tokenizer_hash(tokenizer) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # the output classifier over each sub-codebook's K codes
 # ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def keep_best_aligned(tokenizer, candidates: torch.Tensor, prompts: Sequence[str], num: int) -> torch.Tensor:
+    """Best-of-n by the tokenizer's own image-text alignment (CLIP-style re-ranking of samples).
+
+    candidates (P * num * n, H, W, k): n draws for each of the `num` samples of each of the P prompts, item-major
+    (prompt, then sample, then draw) -> (P * num, H, W, k): for each sample, the draw whose tokenizer image feature
+    (`UniTok.code_features`, read straight from the codes) has the highest cosine with its prompt's text feature.
+    The tokenizer is the model's own understanding side, not the classifier that scores the samples.
+    """
+    P = len(prompts)
+    n = candidates.shape[0] // max(P * num, 1)
+    if n < 1 or candidates.shape[0] != P * num * n:
+        raise ValueError(f"expected P * num * n candidates for P = {P} prompts and num = {num}, got "
+                         f"{candidates.shape[0]}")
+    device = tokenizer.logit_scale.device
+    image = torch.cat([tokenizer.code_features(c.to(device)) for c in candidates.split(256)])   # (P*num*n, E)
+    text = tokenizer.encode_text(list(prompts))                                                   # (P, E)
+    score = (image.view(P, num * n, -1) * text[:, None]).sum(-1).view(P * num, n)
+    best = score.argmax(1).to(candidates.device)
+    return candidates.view(P * num, n, *candidates.shape[1:])[torch.arange(P * num, device=candidates.device), best]
+
+
 class CodeClassifier(nn.Linear):
     """Logits over the K codes of each sub-codebook, from head states.
 
@@ -804,14 +826,33 @@ class TokenGenerator(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts=None, labels=None, num: int = 1, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, cfg_scale: float = 1.0, seed: int = 0, use_cache: bool = True) -> torch.Tensor:
+                 top_p: float = 1.0, cfg_scale: float = 1.0, seed: int = 0, use_cache: bool = True,
+                 rerank: int = 1) -> torch.Tensor:
         """Sample code grids -> (len(prompts or labels) * num, H, W, k) int64 (num per item, item-major).
 
         prompts: str or list of str (text-conditioned model; a class model accepts "a <class name>");
         labels: class indices (class-conditional model); neither: unconditional (num samples).
         temperature > 0; top_k (0 = off); top_p in (0, 1]; cfg_scale: classifier-free guidance (1 = off).
+        rerank: draw this many candidates per sample and keep the one the tokenizer's CLIP side finds closest to
+        the prompt (`keep_best_aligned`; a class is read as "a <class name>"); 1 = off. n times the sampling cost.
         Deterministic for a seed (same codes with or without the KV cache).
         """
+        if not isinstance(rerank, int) or isinstance(rerank, bool) or rerank < 1:
+            raise ValueError(f"rerank must be an int >= 1 (candidates per sample; 1 = off), got {rerank!r}")
+        if rerank > 1:
+            if prompts is None and labels is None:
+                raise ValueError("rerank needs prompts or labels: candidates are ranked by their match to the text")
+            if self.tokenizer is None:
+                raise ValueError("rerank needs the tokenizer: pass tokenizer= or call attach_tokenizer()")
+            if prompts is None:
+                if not self.config.class_names:
+                    raise ValueError("rerank with labels needs the config's class_names (to read class i as text)")
+                texts = [f"a {self.config.class_names[i]}" for i in self._check_labels(labels).tolist()]
+            else:
+                texts = self._check_prompts(prompts)
+            candidates = self.generate(prompts, labels, num * rerank if isinstance(num, int) else num, temperature,
+                                       top_k, top_p, cfg_scale, seed, use_cache)
+            return keep_best_aligned(self.tokenizer, candidates, texts, num)
         cond, B = self._conditions(prompts, labels, num)
         codes = torch.zeros(B, self.config.grid_size, self.config.grid_size, self.config.num_codebooks,
                             dtype=torch.long, device=self.device)

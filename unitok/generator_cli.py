@@ -53,6 +53,9 @@ def add_generator_commands(sub) -> None:
     g.add_argument("--top-k", type=int)
     g.add_argument("--top-p", type=float)
     g.add_argument("--cfg-scale", type=float, help="classifier-free guidance (1 = off)")
+    g.add_argument("--rerank", type=int, default=1, metavar="N",
+                   help="draw N candidates per image, keep the one the tokenizer's CLIP side finds closest to the "
+                        "prompt (1 = off; N times slower)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npz (images uint8, codes int64)")
     g.add_argument("--mllm", nargs="?", const="", metavar="DIR",
@@ -176,6 +179,8 @@ def _generate(args) -> int:
         raise ValueError("expected a non-empty --prompt, got an empty string")
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
+    if args.rerank < 1:
+        raise ValueError(f"--rerank must be >= 1 (candidates per image; 1 = off), got {args.rerank}")
     if getattr(args, "mllm", None) is not None:   # a unified model draws through the same interface
         from .mllm_cli import load_mllm_folder
 
@@ -194,7 +199,7 @@ def _generate(args) -> int:
                          f"{generator.config.condition} (use --prompt)")
     kwargs = {"labels": [args.label]} if args.label is not None else {"prompts": [args.prompt]}
     with torch.no_grad():
-        codes = generator.generate(**kwargs, num=args.num, seed=args.seed, **sampling)
+        codes = generator.generate(**kwargs, num=args.num, seed=args.seed, rerank=args.rerank, **sampling)
         images = generator.decode(codes).cpu()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".png":
@@ -209,6 +214,8 @@ def _generate(args) -> int:
 
         atomic_write(out, write_npz)
     what = f"prompt {args.prompt!r}" if args.prompt is not None else f"class {args.label}"
+    if args.rerank > 1:
+        sampling["rerank"] = args.rerank
     print(f"wrote {args.num} samples for {what} ({', '.join(f'{k}={v}' for k, v in sampling.items())}, "
           f"seed {args.seed}) -> {out}")
     return 0

@@ -70,6 +70,11 @@ class GeneratorTrainConfig:
     # draws, which differ from the tokenizer's codes in many sub-codes, so it learns not to read a shape from them
     code_noise: float = 0.0
     code_noise_neighbours: int = 8
+    # scheduled sampling on the model's own draws: this share of positions (ramped up linearly over the first
+    # `self_feed_ramp` of training) reads, instead of the true codes, all k sub-codes drawn from the model's own
+    # teacher-forced prediction (one extra forward pass without gradients); targets stay the true codes
+    self_feed: float = 0.0
+    self_feed_ramp: float = 0.5
     eval_every: int = 250
     checkpoint_every: int = 250
     log_every: int = 10
@@ -80,6 +85,10 @@ class GeneratorTrainConfig:
     def __post_init__(self):
         if not 0.0 <= self.code_noise < 1.0:
             raise ValueError(f"code_noise must lie in [0, 1) (a share of input sub-codes), got {self.code_noise!r}")
+        if not 0.0 <= self.self_feed < 1.0:
+            raise ValueError(f"self_feed must lie in [0, 1) (a share of input positions), got {self.self_feed!r}")
+        if not 0.0 <= self.self_feed_ramp <= 1.0:
+            raise ValueError(f"self_feed_ramp must lie in [0, 1] (a share of the steps), got {self.self_feed_ramp!r}")
 
 
 def apply_generator_overrides(gen: GeneratorConfig, train: GeneratorTrainConfig, overrides) -> tuple:
@@ -216,6 +225,27 @@ def corrupt_codes(codes: torch.Tensor, neighbours: torch.Tensor, p: float) -> to
     pick = torch.randint(n, codes.shape).to(device)
     book = torch.arange(k, device=device).expand(codes.shape)
     return torch.where(hit, neighbours.to(device)[book, codes, pick], codes)
+
+
+def self_feed_share(step: int, config: "GeneratorTrainConfig") -> float:
+    """The share of positions fed the model's own draws at this step: a linear ramp from 0 to
+    config.self_feed over the first config.self_feed_ramp of the steps (the early model's draws are noise)."""
+    ramp = config.self_feed_ramp * config.steps
+    return config.self_feed * (1.0 if ramp <= 0 else min(1.0, step / ramp))
+
+
+@torch.no_grad()
+def mix_own_draws(logits: torch.Tensor, codes: torch.Tensor, p: float) -> torch.Tensor:
+    """Scheduled sampling. logits (B, N, k, K) of a teacher-forced pass, codes (B, H, W, k) -> a copy of codes in
+    which each position, with probability p, holds all k sub-codes drawn (temperature 1) from those logits. Draws
+    from the global torch RNG on the CPU (the checkpoint carries it: exact resume, the same on any device)."""
+    B, N, k, K = logits.shape
+    hit = (torch.rand(B, N, 1) < p).to(codes.device)
+    u = torch.rand(B, N, k, 1).to(logits.device)
+    cdf = logits.float().softmax(-1).cumsum(-1)
+    drawn = torch.searchsorted(cdf, (u * cdf[..., -1:]).contiguous()).squeeze(-1).clamp_(max=K - 1)
+    flat = codes.reshape(B, N, k)
+    return torch.where(hit, drawn.to(codes.device), flat).view(codes.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,6 +385,12 @@ class GeneratorTrainer:
         # label dropout from the global torch RNG, whose state the checkpoint carries (exact resume)
         drop = (torch.rand(codes.shape[0]) < self.gen_config.label_dropout).to(self.device)
         seen = corrupt_codes(codes, self.neighbours, self.config.code_noise) if self.neighbours is not None else None
+        share = self_feed_share(self.step_count, self.config)
+        if share > 0:   # what the model would have drawn at each position, given the true (or noised) past
+            self._train_model.eval()
+            with torch.no_grad(), self._autocast():
+                own = self._train_model(codes, cond, drop, input_codes=seen).logits
+            seen = mix_own_draws(own, codes if seen is None else seen, share)
         lr = lr_at(self.step_count, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -641,7 +677,8 @@ def _mean_pairwise_distance(images: torch.Tensor, groups: torch.Tensor) -> float
 @torch.no_grad()
 def evaluate_samples(generator: TokenGenerator, num: int = 8, temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0, cfg_scale: float = 3.0, seed: int = 0, classifier=None,
-                     fid: bool = True, heldout: bool = True, prompts: Optional[List[tuple]] = None) -> dict:
+                     fid: bool = True, heldout: bool = True, prompts: Optional[List[tuple]] = None,
+                     rerank: int = 1) -> dict:
     """Sample `num` images per "a {colour} {shape}" prompt and measure them.
 
     prompt_colour_acc / prompt_shape_acc / prompt_both_acc: how often the classifier reads the prompted colour /
@@ -649,12 +686,13 @@ def evaluate_samples(generator: TokenGenerator, num: int = 8, temperature: float
     grids; diversity: mean RMS pixel distance between two samples of the same prompt, next to the same for real
     images of the same pair (diversity_real); fid_proxy: EfficientNet-Lite0 FID of seen-pair samples against real
     single-object test images (a proxy, not comparable to published FIDs); code_usage / code_perplexity of samples
-    vs real test codes.
+    vs real test codes. rerank > 1: each sample is the best of that many draws by the tokenizer's image-text match
+    (`TokenGenerator.generate`), a different sampler from the plain one; the sampling record says which.
     """
     from .codebook_stats import codebook_stats
 
     classifier = classifier or load_shape_classifier(generator.tokenizer.config.image_size)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, rerank=rerank)
     out = {"sampling": dict(sampling, num_per_prompt=num, seed=seed)}
     sets = [("", prompts or pair_prompts(False))] + ([("_heldout", pair_prompts(True))] if heldout else [])
     seen_images = seen_codes = None

@@ -295,8 +295,16 @@ class UniTok(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images -> (B, E) unit-norm CLIP feature computed from the *quantized* tokens."""
         images = self.check_images(images)
-        z_q = self.quantizer.lookup(self.quantize(images).codes)
-        return self.image_head(self.post_quant_proj(z_q))
+        return self._code_features(self.quantize(images).codes)
+
+    def code_features(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, H, W, k) -> (B, E) unit-norm CLIP feature: what `encode_image` gives for an image with these
+        codes, without the decoder. This is how the tokenizer *reads* token grids drawn by a generator."""
+        self.check_codes(codes)
+        return self._code_features(codes.flatten(1, 2))
+
+    def _code_features(self, codes: torch.Tensor) -> torch.Tensor:   # codes (B, N, k)
+        return self.image_head(self.post_quant_proj(self.quantizer.lookup(codes)))
 
     @property
     def tokenizer(self):
