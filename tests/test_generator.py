@@ -509,6 +509,27 @@ def test_generate_cli_with_the_bundled_generator(run_cli, tmp_path):
 
 @pytest.mark.skipif(not (ROOT / "data" / "tiny-generator" / "model.safetensors").exists(),
                     reason="the bundled generator is recreated by `make generator`")
+def test_evaluate_generator_cli_scores_the_bundled_generator(run_cli, tmp_path):
+    quick = ["--num", "2", "--no-fid", "--classifier-steps", "20", "--sampling", "cfg_scale=2"]
+    run_cli("evaluate-generator", *quick, "--rerank", "2", "--out", tmp_path / "m.json")
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["sampling"]["cfg_scale"] == 2.0 and m["sampling"]["rerank"] == 2 and m["sampling"]["top_k"] == 4
+    assert m["samples"] == 2 * 53 and m["samples_heldout"] == 2 * 11 and "fid_proxy" not in m
+    assert all(0.0 <= m[k] <= 1.0 for k in ("prompt_colour_acc", "prompt_shape_acc", "prompt_both_acc",
+                                            "distinct_fraction", "code_usage"))
+    assert m["prompt_colour_acc"] > 0.5   # the bundle draws the prompted colour (chance: 1 in 8)
+    for args, message in ((["--rerank", "0"], "--rerank must be >= 1"), (["--num", "0"], "--num must be >= 1"),
+                          (["--sampling", "bogus=1"], "expected KEY=VALUE"),
+                          (["--sampling", "cfg_scale=x"], "expected cfg_scale=<float>"),
+                          (["--out", str(tmp_path / "m.txt")], "--out must end in .json"),
+                          (["--generator", str(tmp_path)], "holds no generator")):
+        bad = run_cli("evaluate-generator", *args, check=False)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert not (tmp_path / "m.txt").exists()
+
+
+@pytest.mark.skipif(not (ROOT / "data" / "tiny-generator" / "model.safetensors").exists(),
+                    reason="the bundled generator is recreated by `make generator`")
 def test_export_records_recommended_sampling_and_keeps_the_summary(tmp_path):
     from unitok.generator_cli import export_generator, parse_sampling, recommended_sampling
 

@@ -133,6 +133,8 @@ assert ((sweep[["colour %", "shape %"]] >= 0) & (sweep[["colour %", "shape %"]] 
 assert list(heads.index) == ["depth", "parallel"] and np.isfinite(heads.to_numpy()).all()
 assert red_star.shape == (24, 8, 8, 8) and list(pairs.columns) == ["seen pairs", "held-out pairs"]
 assert ((pairs >= 0) & (pairs <= 100)).all().all()
+assert list(rows) == ["best of 1", "best of 2", "best of 4"] and codes.shape == (18, 8, 8, 8)
+assert all(0 <= row["shape %"] <= 100 and 0 <= row["colour %"] <= 100 for row in rows.values())
 """,
     "08_released_checkpoint": """
 assert path is None and "random" in source                       # smoke mode never loads the multi-GB file

@@ -61,6 +61,23 @@ def add_generator_commands(sub) -> None:
     g.add_argument("--mllm", nargs="?", const="", metavar="DIR",
                    help="draw with a unified model instead (bare --mllm: the bundled data/tiny-mllm)")
     g.set_defaults(fn=_generate)
+    e = sub.add_parser("evaluate-generator", help="score a generator's samples for the 'a {colour} {shape}' prompts: "
+                                                  "prompt accuracy, diversity, code usage, proxy FID")
+    e.add_argument("--generator", default=str(BUNDLED_GENERATOR),
+                   help="generator or train-generator run folder (default: the bundled data/tiny-generator)")
+    e.add_argument("--num", type=int, default=8, help="samples per prompt (default: 8)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--sampling", action="append", metavar="KEY=VALUE",
+                   help="override a recommended sampling setting, e.g. --sampling cfg_scale=3 --sampling top_k=0")
+    e.add_argument("--rerank", type=int, default=1, metavar="N",
+                   help="score best-of-N samples, ranked by the tokenizer's image-text match (1 = plain sampling)")
+    e.add_argument("--no-fid", action="store_true", help="skip the proxy FID")
+    e.add_argument("--classifier-steps", type=int, default=600,
+                   help="training steps of the measuring classifier, trained once and cached (default: 600, the "
+                        "one every documented number uses; fewer only for a quick check)")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--out", help="also write the metrics to this .json file")
+    e.set_defaults(fn=_evaluate_generator)
 
 
 def _train_generator(args) -> int:
@@ -218,6 +235,37 @@ def _generate(args) -> int:
         sampling["rerank"] = args.rerank
     print(f"wrote {args.num} samples for {what} ({', '.join(f'{k}={v}' for k, v in sampling.items())}, "
           f"seed {args.seed}) -> {out}")
+    return 0
+
+
+def _evaluate_generator(args) -> int:
+    from .generator_train import evaluate_samples, load_shape_classifier
+    from .runs import atomic_write_text
+
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1 (samples per prompt), got {args.num}")
+    if args.rerank < 1:
+        raise ValueError(f"--rerank must be >= 1 (candidates per image; 1 = off), got {args.rerank}")
+    if args.classifier_steps < 1:
+        raise ValueError(f"--classifier-steps must be >= 1, got {args.classifier_steps}")
+    if args.out is not None and not args.out.lower().endswith(".json"):
+        raise ValueError(f"--out must end in .json, got {Path(args.out).name!r}")
+    generator, folder = load_generator(args.generator, args.device)
+    sampling = {**recommended_sampling(folder), **parse_sampling(args.sampling)}
+    generator._check_sampling(**sampling)
+    classifier = load_shape_classifier(generator.tokenizer.config.image_size, steps=args.classifier_steps)
+    with torch.no_grad():
+        metrics = evaluate_samples(generator, num=args.num, seed=args.seed, classifier=classifier,
+                                   fid=not args.no_fid, rerank=args.rerank, **sampling)
+    metrics = {"generator": str(folder), **metrics, "classifier_accuracy": classifier.accuracy}
+    print(f"{folder}: {', '.join(f'{k}={v}' for k, v in metrics['sampling'].items())}")
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            print(f"  {k}: {v:.4f}")
+    if args.out is not None:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.out), json.dumps(metrics, indent=2))
+        print(f"wrote {args.out}")
     return 0
 
 
