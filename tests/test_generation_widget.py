@@ -57,6 +57,11 @@ def test_sample_step_resample_and_static_figure(generator):
     assert "row 2, col 3" in view.status.value
     fig = view.static_figure()
     assert isinstance(fig, Figure) and len(fig.axes) >= 3
+    view.best_of.value = 3                          # best of 3: the generator's own rerank, same seed
+    view.sample()
+    assert torch.equal(view.codes, generator.generate(prompts="a red star", num=4, seed=2, rerank=3,
+                                                      **view.settings()))
+    assert "best of 3" in view.status.value
     view.prompt.value = " "
     view.sample()                                   # an empty prompt: a message, not an exception
     assert "non-empty" in view.status.value

@@ -41,7 +41,8 @@ class GenerationExplorer(View):
         sampling: starting temperature / top_k / top_p / cfg_scale (default: the generator's recommendation
             in `generator.sampling`, else temperature 1, no top-k, CFG 3).
 
-    Drivable: `prompt` (Text) or `label` (Dropdown), `temperature`, `top_k`, `cfg_scale` (sliders), `seed`
+    Drivable: `prompt` (Text) or `label` (Dropdown), `temperature`, `top_k`, `cfg_scale`, `best_of` (sliders; best
+    of n applies to Sample: each image is the candidate the tokenizer matches best to the prompt), `seed`
     (IntText); `sample()`, `step()`, `resample(row, col)`. Read: `codes` (B, H, W, k), `focus_codes` (H, W, k),
     `filled` (positions drawn in the focus image), `last_choices` (list of (code, probability, entropy bits)),
     `entropy` (H, W) numpy, `figure`, `status`.
@@ -83,7 +84,8 @@ class GenerationExplorer(View):
         try:
             with torch.no_grad():
                 self.codes = self.generator.generate(**self._condition(), num=self.num_images,
-                                                     seed=int(self.seed.value), **self.settings()).cpu()
+                                                     seed=int(self.seed.value), rerank=int(self.best_of.value),
+                                                     **self.settings()).cpu()
         except ValueError as error:   # an empty prompt, an unknown class: say so, keep the old picture
             self.status.value = f"<span style='color:#b00'>{error}</span>"
             return
@@ -92,8 +94,9 @@ class GenerationExplorer(View):
         self.filled = self.grid_size ** 2
         self._stepper = None
         self.last_choices = []
+        best = f", each the best of {self.best_of.value} by the tokenizer's match" if self.best_of.value > 1 else ""
         self.status.value = (f"{self.num_images} samples, seed {self.seed.value}: "
-                             + ", ".join(f"{k}={v}" for k, v in self.settings().items()))
+                             + ", ".join(f"{k}={v}" for k, v in self.settings().items()) + best)
         self._draw_grid()
         self._refresh_focus()
 
@@ -195,6 +198,9 @@ class GenerationExplorer(View):
                                  layout=W.Layout(width="300px"))
         self.cfg_scale = W.FloatSlider(value=start["cfg_scale"], min=0.0, max=8.0, step=0.25, description="CFG",
                                        layout=W.Layout(width="300px"))
+        # best of n (Sample only): the tokenizer's own CLIP side keeps the candidate closest to the prompt
+        self.best_of = W.IntSlider(value=1, min=1, max=16, step=1, description="best of",
+                                   layout=W.Layout(width="300px"))
         self.seed = W.IntText(value=int(seed), description="seed", layout=W.Layout(width="160px"))
         self.sample_button = W.Button(description="Sample", button_style="primary", layout=W.Layout(width="100px"))
         self.step_button = W.Button(description="Step", layout=W.Layout(width="100px"))
@@ -225,7 +231,7 @@ class GenerationExplorer(View):
         self.image_trace, self.click_trace, self.entropy_trace = self.figure.data
         self.click_trace.on_click(self._on_click)
         controls = W.VBox([hbox([cond_widget, self.seed, self.sample_button, self.step_button]),
-                           hbox([self.temperature, self.top_k, self.cfg_scale])])
+                           hbox([self.temperature, self.top_k, self.cfg_scale]), hbox([self.best_of])])
         body = W.HBox([W.VBox([W.HTML("<b>samples</b>"), self.grid_image]), self.figure],
                       layout=W.Layout(align_items="flex-start"))
         self.widget = self._root([W.HTML(title_html("Generation explorer",
