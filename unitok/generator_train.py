@@ -72,7 +72,9 @@ class GeneratorTrainConfig:
     code_noise_neighbours: int = 8
     # scheduled sampling on the model's own draws: this share of positions (ramped up linearly over the first
     # `self_feed_ramp` of training) reads, instead of the true codes, all k sub-codes drawn from the model's own
-    # teacher-forced prediction (one extra forward pass without gradients); targets stay the true codes
+    # teacher-forced prediction (one extra forward pass without gradients, 1.4x the step time); targets stay the
+    # true codes. Like code_noise it helps the plain setting's shape and colour a little, not the best shape
+    # (docs/generation.md), so it is off by default
     self_feed: float = 0.0
     self_feed_ramp: float = 0.5
     eval_every: int = 250
