@@ -159,6 +159,13 @@ def test_kv_cache_equals_recomputation(tok, text, scenes, mode):
     c2 = model.generate(["a red circle", "a blue star"], use_cache=False, **kw)
     assert c1.shape == (2, 8, 8, 8) and torch.equal(c1, c2)
     assert not torch.equal(c1[0], c1[1])
+    # best of 3: the candidate of the same seed's 3 draws that the tokenizer matches best to its prompt
+    best = model.generate(["a red circle", "a blue star"], use_cache=True, rerank=3, **kw)
+    pool = model.generate(["a red circle", "a blue star"], use_cache=True, **{**kw, "num": 3})
+    with torch.no_grad():
+        text = tok.encode_text(["a red circle", "a blue star"])
+        score = (tok.code_features(pool).view(2, 3, -1) * text[:, None]).sum(-1)
+    assert torch.equal(best, pool.view(2, 3, 8, 8, 8)[torch.arange(2), score.argmax(1)])
 
 
 def test_three_image_input_modes(tok, text, scenes):
@@ -201,6 +208,8 @@ def test_bad_inputs(tok, text, scenes):
         model.generate([])
     with pytest.raises(ValueError, match="num must be"):
         model.generate(["a red star"], num=0)
+    with pytest.raises(ValueError, match="rerank must be an int >= 1"):
+        model.generate(["a red star"], rerank=0)
     with pytest.raises(ValueError, match="image_input must be one of"):
         MLLMConfig(image_input="pixels")
     with pytest.raises(ValueError, match="unknown setting 'colour'"):

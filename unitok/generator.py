@@ -205,6 +205,13 @@ def tokenizer_hash(tokenizer) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # the output classifier over each sub-codebook's K codes
 # ---------------------------------------------------------------------------------------------------------------
+def check_rerank(rerank) -> int:
+    """rerank (candidates per sample, 1 = off) -> int, or a ValueError naming what was expected."""
+    if not isinstance(rerank, int) or isinstance(rerank, bool) or rerank < 1:
+        raise ValueError(f"rerank must be an int >= 1 (candidates per sample; 1 = off), got {rerank!r}")
+    return rerank
+
+
 @torch.no_grad()
 def keep_best_aligned(tokenizer, candidates: torch.Tensor, prompts: Sequence[str], num: int) -> torch.Tensor:
     """Best-of-n by the tokenizer's own image-text alignment (CLIP-style re-ranking of samples).
@@ -837,9 +844,7 @@ class TokenGenerator(nn.Module):
         the prompt (`keep_best_aligned`; a class is read as "a <class name>"); 1 = off. n times the sampling cost.
         Deterministic for a seed (same codes with or without the KV cache).
         """
-        if not isinstance(rerank, int) or isinstance(rerank, bool) or rerank < 1:
-            raise ValueError(f"rerank must be an int >= 1 (candidates per sample; 1 = off), got {rerank!r}")
-        if rerank > 1:
+        if check_rerank(rerank) > 1:
             if prompts is None and labels is None:
                 raise ValueError("rerank needs prompts or labels: candidates are ranked by their match to the text")
             if self.tokenizer is None:

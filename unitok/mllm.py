@@ -59,8 +59,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .checkpoint import atomic_write, load_state_dict_checked
-from .generator import (CODE_LOGITS, CausalTransformer, CodeClassifier, PositionStep, TokenGenerator, code_vectors,
-                        image_projector, keep_best_aligned, tokenizer_hash)
+from .generator import (CODE_LOGITS, CausalTransformer, CodeClassifier, PositionStep, TokenGenerator, check_rerank,
+                        code_vectors, image_projector, keep_best_aligned, tokenizer_hash)
 from .projection import build_projection
 
 TASKS = ("t2i", "i2t", "vqa")
@@ -771,9 +771,7 @@ class UnifiedModel(nn.Module):
     def generate(self, prompts: Sequence[str], num: int = 1, rerank: int = 1, **sampling) -> torch.Tensor:
         """Sample code grids -> (len(prompts) * num, H, W, k) int64. Sampling options as in `image_steps`;
         rerank: best of this many draws per sample by the tokenizer's image-text match (`keep_best_aligned`)."""
-        if not isinstance(rerank, int) or isinstance(rerank, bool) or rerank < 1:
-            raise ValueError(f"rerank must be an int >= 1 (candidates per sample; 1 = off), got {rerank!r}")
-        if rerank > 1:
+        if check_rerank(rerank) > 1:
             texts = [prompts] if isinstance(prompts, str) else list(prompts)
             candidates = self.generate(prompts, num * rerank if isinstance(num, int) else num, **sampling)
             return keep_best_aligned(self.tokenizer, candidates, texts, num)
