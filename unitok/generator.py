@@ -203,7 +203,7 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the output classifier over each sub-codebook's K codes
+# best of n: the tokenizer reads what was drawn
 # ---------------------------------------------------------------------------------------------------------------
 def check_rerank(rerank) -> int:
     """rerank (candidates per sample, 1 = off) -> int, or a ValueError naming what was expected."""
@@ -234,6 +234,9 @@ def keep_best_aligned(tokenizer, candidates: torch.Tensor, prompts: Sequence[str
     return candidates.view(P * num, n, *candidates.shape[1:])[torch.arange(P * num, device=candidates.device), best]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the output classifier over each sub-codebook's K codes
+# ---------------------------------------------------------------------------------------------------------------
 class CodeClassifier(nn.Linear):
     """Logits over the K codes of each sub-codebook, from head states.
 
