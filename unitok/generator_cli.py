@@ -196,8 +196,7 @@ def _generate(args) -> int:
         raise ValueError("expected a non-empty --prompt, got an empty string")
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
-    if args.rerank < 1:
-        raise ValueError(f"--rerank must be >= 1 (candidates per image; 1 = off), got {args.rerank}")
+    _check_rerank_flag(args.rerank)
     if getattr(args, "mllm", None) is not None:   # a unified model draws through the same interface
         from .mllm_cli import load_mllm_folder
 
@@ -238,14 +237,18 @@ def _generate(args) -> int:
     return 0
 
 
+def _check_rerank_flag(rerank: int) -> None:   # before any loading: the flag's own words in the message
+    if rerank < 1:
+        raise ValueError(f"--rerank must be >= 1 (candidates per image; 1 = off), got {rerank}")
+
+
 def _evaluate_generator(args) -> int:
     from .generator_train import evaluate_samples, load_shape_classifier
     from .runs import atomic_write_text
 
     if args.num < 1:
         raise ValueError(f"--num must be >= 1 (samples per prompt), got {args.num}")
-    if args.rerank < 1:
-        raise ValueError(f"--rerank must be >= 1 (candidates per image; 1 = off), got {args.rerank}")
+    _check_rerank_flag(args.rerank)
     if args.classifier_steps < 1:
         raise ValueError(f"--classifier-steps must be >= 1, got {args.classifier_steps}")
     if args.out is not None and not args.out.lower().endswith(".json"):
