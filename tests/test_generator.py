@@ -14,8 +14,8 @@ import torch
 from unitok.data import ShapesDataset
 from unitok.generator import GeneratorConfig, TokenGenerator, keep_best_aligned, tokenizer_hash
 from unitok.generator_train import (GeneratorTrainConfig, GeneratorTrainer, apply_generator_overrides,
-                                    code_neighbours, corrupt_codes, extract_codes, mix_own_draws, pair_prompts,
-                                    self_feed_share)
+                                    background_mask, blank_background_codes, code_neighbours, corrupt_codes,
+                                    extract_codes, mix_own_draws, pair_prompts, self_feed_share)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(width=32, depth=2, num_heads=2, depth_width=32, depth_layers=1, depth_heads=2)
@@ -377,6 +377,45 @@ def test_generator_captions_name_every_colour_and_keep_the_pictures(tokenizer, c
     assert sum(not any(c in caption.split() for c in colours) for caption in mixed.captions) >= 12
     assert torch.equal(named.codes, mixed.codes)               # same pictures: only the captions differ
     assert named.info["cache"] != mixed.info["cache"]
+
+
+def test_background_mask_finds_the_plain_background_and_its_colour():
+    from unitok.shapes import render_scene
+
+    bg = np.array([0.3, -0.2, 0.5], np.float32)
+    image = torch.from_numpy(render_scene([], bg, 32))
+    image[:, 5:11, 9:14] = torch.tensor([0.9, 0.9, -0.9])[:, None, None]   # an object over patches (1-2, 2-3)
+    image[:, 16:20, 0:4] += 0.1 * torch.rand(3, 4, 4)                        # a textured, not plain, patch (4, 0)
+    mask, colour = background_mask(image[None], patch=4)
+    expected = torch.ones(8, 8, dtype=torch.bool)
+    expected[1:3, 2:4] = False
+    expected[4, 0] = False
+    assert torch.equal(mask[0], expected)
+    assert torch.allclose(colour[0], torch.from_numpy(bg))
+    noise = torch.rand(1, 3, 32, 32)                                         # nothing plain: nothing is background
+    assert not background_mask(noise, patch=4)[0].any()
+
+
+def test_blank_background_codes_replace_background_tokens_only(tokenizer, code_cache):
+    ds = ShapesDataset(32, "test", length=6, seed=0, max_objects=1)
+    images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    codes = tokenizer.encode(images)
+    clean = blank_background_codes(tokenizer, images, codes)
+    mask, colour = background_mask(images, patch=4)
+    blank = tokenizer.encode(colour[..., None, None].expand_as(images).contiguous())
+    assert torch.equal(clean[mask], blank[mask])           # background: the blank picture's codes
+    assert torch.equal(clean[~mask], codes[~mask])         # the object's tokens are untouched
+    assert (clean[mask] != codes[mask]).any(-1).float().mean() > 0.5   # and most background tokens did change
+    # the decoded object survives: the pixels of the object's patches barely move
+    keep = ~mask[:, None].repeat_interleave(4, 2).repeat_interleave(4, 3).expand_as(images)
+    a, b = tokenizer.decode(codes), tokenizer.decode(clean)
+    assert (a - b)[keep].abs().mean() < 0.05
+    digest = tokenizer_hash(tokenizer)
+    plain = extract_codes(tokenizer, "shapes", "test", 16, 0, cache_dir=code_cache, progress=False, digest=digest)
+    cleaned = extract_codes(tokenizer, "shapes", "test", 16, 0, cache_dir=code_cache, progress=False, digest=digest,
+                            blank_background=True)
+    assert plain.info["cache"] != cleaned.info["cache"]
+    assert not torch.equal(plain.codes, cleaned.codes) and plain.captions == cleaned.captions
 
 
 def test_code_cache_is_reused_and_keyed_by_the_tokenizer_hash(tokenizer, code_cache):

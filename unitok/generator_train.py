@@ -77,6 +77,11 @@ class GeneratorTrainConfig:
     # (docs/generation.md), so it is off by default
     self_feed: float = 0.0
     self_feed_ramp: float = 0.5
+    # background tokens (patches of the plain background colour) take the codes the tokenizer gives a picture of
+    # that background alone (`blank_background_codes`). The encoder sees the whole image, so otherwise the same
+    # plain patch gets a different 8-tuple in nearly every picture: noise the decoder ignores but the generator
+    # must learn (docs/generation.md). Needs the images, so it applies when the codes are extracted
+    blank_background: bool = False
     eval_every: int = 250
     checkpoint_every: int = 250
     log_every: int = 10
@@ -152,13 +157,15 @@ def _dataset_for(data: str, image_size: int, split: str, num_images: int, seed: 
 @torch.no_grad()
 def extract_codes(tokenizer, data: str = "shapes", split: str = "train", num_images: int = 20_000, seed: int = 0,
                   batch_size: int = 256, cache_dir: Optional[Union[str, Path]] = None, progress: bool = True,
-                  digest: Optional[str] = None, p_no_colour: float = 0.0) -> CodeSet:
+                  digest: Optional[str] = None, p_no_colour: float = 0.0,
+                  blank_background: bool = False) -> CodeSet:
     """Encode `num_images` images of a dataset split with the frozen tokenizer, or load them from the cache.
 
     The cache file is `<cache_dir>/codes/<data>-<split>-<n>-seed<seed>-<px>[-pnc<p>]-<tokenizer hash>.pt`; `digest`
     is the tokenizer's `tokenizer_hash` when already known (it is recomputed otherwise). `p_no_colour` (shapes
     only): the share of captions that leave the colours out; 0 (the default) names every colour, since a
     text-to-image model can only learn to draw what its captions say (the tokenizer trains on 0.5).
+    `blank_background`: background tokens take the codes of the background alone (`blank_background_codes`).
     """
     from tqdm.auto import tqdm
 
@@ -167,8 +174,9 @@ def extract_codes(tokenizer, data: str = "shapes", split: str = "train", num_ima
     digest = digest or tokenizer_hash(tokenizer)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     captions = f"-pnc{p_no_colour:g}" if data == "shapes" else ""
-    path = cache / "codes" / (f"{data}-{split}-{num_images}-seed{seed}-{tokenizer.config.image_size}px{captions}-"
-                              f"{digest[:16]}.pt")
+    blank = "-blankbg" if blank_background else ""
+    path = cache / "codes" / (f"{data}-{split}-{num_images}-seed{seed}-{tokenizer.config.image_size}px{captions}"
+                              f"{blank}-{digest[:16]}.pt")
     if path.is_file():
         state = read_torch(path, what="a cached code file")
         if state.get("tokenizer_sha256") == digest:
@@ -181,7 +189,11 @@ def extract_codes(tokenizer, data: str = "shapes", split: str = "train", num_ima
     codes, ids, captions, labels = [], [], [], {}
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
     for batch in tqdm(loader, desc=f"tokenizing {data}/{split}", disable=not progress):
-        codes.append(tokenizer.encode(batch["image"].to(device)).to("cpu", torch.int16))
+        images = batch["image"].to(device)
+        grid = tokenizer.encode(images)
+        if blank_background:
+            grid = blank_background_codes(tokenizer, images, grid)
+        codes.append(grid.to("cpu", torch.int16))
         ids.append(tokenizer.tokenize(list(batch["caption"])).to(torch.int32))
         captions.extend(batch["caption"])
         for k, v in batch["labels"].items():
@@ -198,10 +210,43 @@ def extract_codes(tokenizer, data: str = "shapes", split: str = "train", num_ima
 def extract_run_codes(tokenizer, data: str, train: "GeneratorTrainConfig", digest: Optional[str] = None,
                       progress: bool = True) -> tuple:
     """The codes a training run uses -> (train CodeSet, {"test": CodeSet[, "heldout": CodeSet for shapes]})."""
-    kw = dict(progress=progress, digest=digest, p_no_colour=train.p_no_colour)
+    kw = dict(progress=progress, digest=digest, p_no_colour=train.p_no_colour,
+              blank_background=train.blank_background)
     codes = extract_codes(tokenizer, data, "train", train.train_images, train.seed, **kw)
     splits = ("test", "heldout") if data == "shapes" else ("test",)
     return codes, {s: extract_codes(tokenizer, data, s, train.eval_images, train.seed, **kw) for s in splits}
+
+
+def background_mask(images: torch.Tensor, patch: int, tol: float = 0.02) -> tuple:
+    """images (B, C, S, S) -> (mask (B, S/patch, S/patch) bool, colour (B, C)): which patches are plain background,
+    and the background's colour. A patch is plain when no pixel is more than `tol` from the patch's mean in any
+    channel; the background colour is the per-channel median of the plain patches' means (they are mostly
+    background: an object's plain interior is the smaller part); a plain patch is background when its mean is
+    within `tol` of that colour. An image with no plain patch has none."""
+    B, C, S, _ = images.shape
+    tiles = images.unfold(2, patch, patch).unfold(3, patch, patch)               # (B, C, g, g, p, p)
+    mean = tiles.mean((-1, -2))                                                  # (B, C, g, g)
+    plain = (tiles - mean[..., None, None]).abs().amax((1, -1, -2)) < tol        # (B, g, g)
+    means = mean.flatten(2).transpose(1, 2)                                      # (B, N, C)
+    colour = torch.stack([m[p].median(0).values if p.any() else m.new_zeros(C)
+                          for m, p in zip(means, plain.flatten(1))])             # (B, C)
+    near = (mean - colour[..., None, None]).abs().amax(1) < tol
+    return plain & near, colour
+
+
+@torch.no_grad()
+def blank_background_codes(tokenizer, images: torch.Tensor, codes: torch.Tensor, tol: float = 0.02) -> torch.Tensor:
+    """images (B, C, S, S), their codes (B, H, W, k) -> codes in which every background token (`background_mask`)
+    holds the code the tokenizer gives, at that position, to a picture of the background colour alone.
+
+    The encoder attends over the whole image, so a plain patch's 8 sub-codes depend on what else is in the picture:
+    on the shapes test images 99.4 % of background tokens differ from the blank picture's in at least one sub-code,
+    while decoding with the blank picture's codes there changes nothing the classifier can see (docs/generation.md).
+    """
+    patch = tokenizer.config.image_size // tokenizer.config.grid_size
+    mask, colour = background_mask(images, patch, tol)
+    blank = colour[..., None, None].expand_as(images).contiguous()
+    return torch.where(mask[..., None].to(codes.device), tokenizer.encode(blank), codes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
