@@ -78,7 +78,7 @@ generator: venv
 	$(BIN)/python -m unitok.cli train-generator --tokenizer data/tiny-shapes --data shapes \
 		--out runs/tiny-generator --overwrite
 	$(BIN)/python -m unitok.generator_cli export runs/tiny-generator data/tiny-generator --overwrite \
-		--sampling temperature=0.8 --sampling top_k=4 --sampling cfg_scale=5
+		--sampling temperature=1 --sampling top_k=4 --sampling cfg_scale=3
 
 # Re-create the bundled unified model in data/tiny-mllm/ (reads and writes images through data/tiny-shapes' tokens;
 # the train-mllm defaults: 4500 steps in bf16 on AMX CPUs, about 16 minutes on one core; see data/README.md).

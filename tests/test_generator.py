@@ -14,7 +14,7 @@ import torch
 from unitok.data import ShapesDataset
 from unitok.generator import GeneratorConfig, TokenGenerator, keep_best_aligned, tokenizer_hash
 from unitok.generator_train import (GeneratorTrainConfig, GeneratorTrainer, apply_generator_overrides,
-                                    background_mask, blank_background_codes, code_neighbours, corrupt_codes,
+                                    blank_plain_codes, plain_colour_mask, code_neighbours, corrupt_codes,
                                     extract_codes, mix_own_draws, pair_prompts, self_feed_share)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -386,22 +386,22 @@ def test_background_mask_finds_the_plain_background_and_its_colour():
     image = torch.from_numpy(render_scene([], bg, 32))
     image[:, 5:11, 9:14] = torch.tensor([0.9, 0.9, -0.9])[:, None, None]   # an object over patches (1-2, 2-3)
     image[:, 16:20, 0:4] += 0.1 * torch.rand(3, 4, 4)                        # a textured, not plain, patch (4, 0)
-    mask, colour = background_mask(image[None], patch=4)
+    mask, colour = plain_colour_mask(image[None], patch=4)
     expected = torch.ones(8, 8, dtype=torch.bool)
     expected[1:3, 2:4] = False
     expected[4, 0] = False
     assert torch.equal(mask[0], expected)
     assert torch.allclose(colour[0], torch.from_numpy(bg))
     noise = torch.rand(1, 3, 32, 32)                                         # nothing plain: nothing is background
-    assert not background_mask(noise, patch=4)[0].any()
+    assert not plain_colour_mask(noise, patch=4)[0].any()
 
 
-def test_blank_background_codes_replace_background_tokens_only(tokenizer, code_cache):
+def test_blank_plain_codes_replace_background_tokens_only(tokenizer, code_cache):
     ds = ShapesDataset(32, "test", length=6, seed=0, max_objects=1)
     images = torch.stack([ds[i]["image"] for i in range(len(ds))])
     codes = tokenizer.encode(images)
-    clean = blank_background_codes(tokenizer, images, codes)
-    mask, colour = background_mask(images, patch=4)
+    clean = blank_plain_codes(tokenizer, images, codes, "background")
+    mask, colour = plain_colour_mask(images, patch=4)
     blank = tokenizer.encode(colour[..., None, None].expand_as(images).contiguous())
     assert torch.equal(clean[mask], blank[mask])           # background: the blank picture's codes
     assert torch.equal(clean[~mask], codes[~mask])         # the object's tokens are untouched
@@ -413,9 +413,19 @@ def test_blank_background_codes_replace_background_tokens_only(tokenizer, code_c
     digest = tokenizer_hash(tokenizer)
     plain = extract_codes(tokenizer, "shapes", "test", 16, 0, cache_dir=code_cache, progress=False, digest=digest)
     cleaned = extract_codes(tokenizer, "shapes", "test", 16, 0, cache_dir=code_cache, progress=False, digest=digest,
-                            blank_background=True)
+                            plain_codes="background")
     assert plain.info["cache"] != cleaned.info["cache"]
     assert not torch.equal(plain.codes, cleaned.codes) and plain.captions == cleaned.captions
+    # "plain" goes on to the object's flat interior (its own colour, not the background's); "tokenizer" is a no-op
+    every = blank_plain_codes(tokenizer, images, codes, "plain")
+    inner, inner_colour = plain_colour_mask(images, patch=4, among=~mask)
+    assert inner.any() and torch.equal(every[mask], clean[mask]) and torch.equal(every[~mask & ~inner],
+                                                                                  codes[~mask & ~inner])
+    interior = tokenizer.encode(inner_colour[..., None, None].expand_as(images).contiguous())
+    assert torch.equal(every[inner], interior[inner])
+    assert torch.equal(blank_plain_codes(tokenizer, images, codes, "tokenizer"), codes)
+    with pytest.raises(ValueError, match="plain_codes must be one of"):
+        blank_plain_codes(tokenizer, images, codes, "flat")
 
 
 def test_code_cache_is_reused_and_keyed_by_the_tokenizer_hash(tokenizer, code_cache):

@@ -99,7 +99,7 @@ def _train_generator(args) -> int:
     if resuming:
         saved = json.loads((out / "config.json").read_text())
         saved["train"].setdefault("p_no_colour", 0.5)   # runs from before the option: the tokenizer's captions
-        saved["train"].setdefault("blank_background", False)   # and the tokenizer's own background codes
+        saved["train"].setdefault("plain_codes", "tokenizer")   # and the tokenizer's own background codes
         gen, train = apply_generator_overrides(GeneratorConfig.from_saved(saved["generator"]),
                                                GeneratorTrainConfig(**saved["train"]), overrides)
         digest = tokenizer_hash(tokenizer)
