@@ -2,6 +2,7 @@
 exact resume, input checks, and the `generate` command (CPU, seconds)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import shutil
@@ -426,6 +427,17 @@ def test_blank_plain_codes_replace_background_tokens_only(tokenizer, code_cache)
     assert torch.equal(blank_plain_codes(tokenizer, images, codes, "tokenizer"), codes)
     with pytest.raises(ValueError, match="plain_codes must be one of"):
         blank_plain_codes(tokenizer, images, codes, "flat")
+
+
+def test_runs_saved_before_an_option_resume_as_they_were_trained():
+    saved = {k: v for k, v in dataclasses.asdict(GeneratorTrainConfig()).items()
+             if k not in ("p_no_colour", "plain_codes")}
+    old = GeneratorTrainConfig.from_saved(saved)
+    assert old.p_no_colour == 0.5 and old.plain_codes == "tokenizer"
+    assert GeneratorTrainConfig().plain_codes == "background"          # today's default
+    assert GeneratorTrainConfig.from_saved(dataclasses.asdict(GeneratorTrainConfig())) == GeneratorTrainConfig()
+    with pytest.raises(ValueError, match="plain_codes must be one of"):
+        GeneratorTrainConfig(plain_codes="flat")
 
 
 def test_code_cache_is_reused_and_keyed_by_the_tokenizer_hash(tokenizer, code_cache):

@@ -98,10 +98,8 @@ def _train_generator(args) -> int:
     resuming = args.resume and holds_run(out)
     if resuming:
         saved = json.loads((out / "config.json").read_text())
-        saved["train"].setdefault("p_no_colour", 0.5)   # runs from before the option: the tokenizer's captions
-        saved["train"].setdefault("plain_codes", "tokenizer")   # and the tokenizer's own background codes
         gen, train = apply_generator_overrides(GeneratorConfig.from_saved(saved["generator"]),
-                                               GeneratorTrainConfig(**saved["train"]), overrides)
+                                               GeneratorTrainConfig.from_saved(saved["train"]), overrides)
         digest = tokenizer_hash(tokenizer)
         if saved.get("data", {}).get("tokenizer_sha256") not in (None, digest):
             raise ValueError(f"--tokenizer {args.tokenizer} is not the tokenizer the run in {out} was trained on "

@@ -91,6 +91,14 @@ class GeneratorTrainConfig:
     amp: bool = True                  # bf16 autocast on CUDA
     cpu_bf16: str = "auto"            # CPU: "off" (fp32), "on" or "auto" (bf16 where the CPU has AMX: 1.5x faster)
 
+    @classmethod
+    def from_saved(cls, saved: dict) -> "GeneratorTrainConfig":
+        """A run folder's saved training config -> the config it was trained with: runs from before an option
+        existed get what they used then, not today's default."""
+        before = {"p_no_colour": 0.5,             # the tokenizer's captions
+                  "plain_codes": "tokenizer"}     # the tokenizer's own background codes
+        return cls(**{**before, **saved})
+
     def __post_init__(self):
         if not 0.0 <= self.code_noise < 1.0:
             raise ValueError(f"code_noise must lie in [0, 1) (a share of input sub-codes), got {self.code_noise!r}")
