@@ -82,7 +82,7 @@ class GeneratorTrainConfig:
     # the codes as encoded. The encoder sees the whole image, so otherwise the same plain patch gets a different
     # 8-tuple in nearly every picture: noise the decoder ignores but the generator must learn (docs/generation.md).
     # Needs the images, so it applies when the codes are extracted. "background" took shape from 0.40 to 0.68 at
-    # CFG 3 and the best setting's from 0.48 to 0.75; "plain" was worse than "background" (0.63)
+    # CFG 3 and the best setting's from 0.48 to 0.74; "plain" was worse than "background" (0.63)
     plain_codes: str = "background"
     eval_every: int = 250
     checkpoint_every: int = 250
