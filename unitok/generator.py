@@ -871,7 +871,9 @@ class TokenGenerator(nn.Module):
     @torch.no_grad()
     def complete(self, codes: torch.Tensor, first_n: int, prompts=None, labels=None, **sampling) -> torch.Tensor:
         """Keep the first `first_n` positions (row-major) of each code grid (B, H, W, k) and sample the rest.
-        prompts / labels: one per grid (or one for all). Returns new codes (B, H, W, k)."""
+        prompts / labels: one per grid (or one for all). Returns new codes (B, H, W, k). Codes of a real image
+        should be of the kind the generator learned: a generator trained with `plain_codes="background"` (the
+        default) expects `unitok.generator_train.blank_plain_codes(tokenizer, images, tokenizer.encode(images))`."""
         self.check_codes(codes)
         out = codes.clone().long().to(self.device)
         cond = None
