@@ -43,6 +43,7 @@ from .runtime import pick_device, training_autocast, uses_bf16
 from .train import NonFiniteLossError, StepBatchSampler, _distributed, lr_at, seed_everything
 
 COMMAND = "unitok train-generator"
+PLAIN_CODES = ("tokenizer", "background", "plain")   # GeneratorTrainConfig.plain_codes, `blank_plain_codes`
 
 
 @dataclass
@@ -173,8 +174,9 @@ def extract_codes(tokenizer, data: str = "shapes", split: str = "train", num_ima
                   plain_codes: str = "tokenizer") -> CodeSet:
     """Encode `num_images` images of a dataset split with the frozen tokenizer, or load them from the cache.
 
-    The cache file is `<cache_dir>/codes/<data>-<split>-<n>-seed<seed>-<px>[-pnc<p>]-<tokenizer hash>.pt`; `digest`
-    is the tokenizer's `tokenizer_hash` when already known (it is recomputed otherwise). `p_no_colour` (shapes
+    The cache file is `<cache_dir>/codes/<data>-<split>-<n>-seed<seed>-<px>[-pnc<p>][-blank<plain_codes>]-<hash>.pt`
+    with the tokenizer's weight hash; `digest` is its `tokenizer_hash` when already known (it is recomputed
+    otherwise). `p_no_colour` (shapes
     only): the share of captions that leave the colours out; 0 (the default) names every colour, since a
     text-to-image model can only learn to draw what its captions say (the tokenizer trains on 0.5).
     `plain_codes`: "background" / "plain" give plain patches the codes of their colour alone (`blank_plain_codes`).
@@ -246,9 +248,6 @@ def plain_colour_mask(images: torch.Tensor, patch: int, tol: float = 0.02,
                           for m, p in zip(means, plain.flatten(1))])             # (B, C)
     near = (mean - colour[..., None, None]).abs().amax(1) < tol
     return plain & near, colour
-
-
-PLAIN_CODES = ("tokenizer", "background", "plain")
 
 
 @torch.no_grad()
