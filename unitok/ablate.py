@@ -225,9 +225,11 @@ def headline_metrics(results: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # Half the depth of `tiny`: at 32 px and a few hundred steps, steps buy more than depth (and the budget is fixed).
 ABLATION_OVERRIDES = ("encoder_depth=2", "decoder_depth=2")
-# The generation study's generator settings where they differ from today's `train-generator` defaults (those moved to
-# lr 2e-3 and bf16 on AMX CPUs later): pinned, so that the bundled study's runs mean what their keys say.
-GENERATOR_STUDY_SETTINGS = ("lr=1e-3", "cpu_bf16=off")
+# The generation study's generator settings where they differ from today's `train-generator` defaults (those moved
+# later: lr 2e-3, batch 32, bf16 on AMX CPUs, captions naming every colour, codebook-aware logits, the condition at
+# every position, blank background codes): pinned, so that the bundled study's runs mean what their keys say.
+GENERATOR_STUDY_SETTINGS = ("lr=1e-3", "batch_size=64", "cpu_bf16=off", "p_no_colour=0.5", "code_logits=linear",
+                            "condition_at_every_position=false", "plain_codes=tokenizer")
 
 
 @dataclass
