@@ -15,8 +15,8 @@ import torch
 from unitok.data import ShapesDataset
 from unitok.generator import GeneratorConfig, TokenGenerator, keep_best_aligned, tokenizer_hash
 from unitok.generator_train import (GeneratorTrainConfig, GeneratorTrainer, apply_generator_overrides,
-                                    blank_plain_codes, plain_colour_mask, code_neighbours, corrupt_codes,
-                                    extract_codes, mix_own_draws, pair_prompts, self_feed_share)
+                                    blank_plain_codes, code_neighbours, corrupt_codes, extract_codes,
+                                    mix_own_draws, pair_prompts, plain_colour_mask, self_feed_share)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(width=32, depth=2, num_heads=2, depth_width=32, depth_layers=1, depth_heads=2)
@@ -380,7 +380,7 @@ def test_generator_captions_name_every_colour_and_keep_the_pictures(tokenizer, c
     assert named.info["cache"] != mixed.info["cache"]
 
 
-def test_background_mask_finds_the_plain_background_and_its_colour():
+def test_plain_colour_mask_finds_the_plain_background_and_its_colour():
     from unitok.shapes import render_scene
 
     bg = np.array([0.3, -0.2, 0.5], np.float32)

@@ -237,15 +237,13 @@ def plain_colour_mask(images: torch.Tensor, patch: int, tol: float = 0.02,
     colour is the per-channel median of the means of the plain patches (of those in `among`, a (B, g, g) mask, when
     given), so the first call finds the background, which covers most of a picture; `mask` holds the plain patches
     whose mean lies within `tol` of it. An image with no such patch gets an empty mask."""
-    B, C = images.shape[:2]
     tiles = images.unfold(2, patch, patch).unfold(3, patch, patch)               # (B, C, g, g, p, p)
     mean = tiles.mean((-1, -2))                                                  # (B, C, g, g)
     plain = (tiles - mean[..., None, None]).abs().amax((1, -1, -2)) < tol        # (B, g, g)
     if among is not None:
         plain = plain & among
-    means = mean.flatten(2).transpose(1, 2)                                      # (B, N, C)
-    colour = torch.stack([m[p].median(0).values if p.any() else m.new_zeros(C)
-                          for m, p in zip(means, plain.flatten(1))])             # (B, C)
+    means = mean.flatten(2).transpose(1, 2).masked_fill(~plain.flatten(1)[..., None], float("nan"))  # (B, N, C)
+    colour = means.nanmedian(1).values.nan_to_num(0.0)                          # (B, C)
     near = (mean - colour[..., None, None]).abs().amax(1) < tol
     return plain & near, colour
 
