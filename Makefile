@@ -77,14 +77,14 @@ checkpoint: venv
 generator: venv
 	$(BIN)/python -m unitok.cli train-generator --tokenizer data/tiny-shapes --data shapes \
 		--out runs/tiny-generator --overwrite
-	$(BIN)/python -m unitok.generator_cli export runs/tiny-generator data/tiny-generator --overwrite \
+	$(BIN)/python -m unitok.cli.generator export runs/tiny-generator data/tiny-generator --overwrite \
 		--sampling temperature=1 --sampling top_k=4 --sampling cfg_scale=3
 
 # Re-create the bundled unified model in data/tiny-mllm/ (reads and writes images through data/tiny-shapes' tokens;
 # the train-mllm defaults: 4500 steps in bf16 on AMX CPUs, about 16 minutes on one core; see data/README.md).
 mllm: venv
 	OMP_NUM_THREADS=1 $(BIN)/python -m unitok.cli train-mllm --tokenizer data/tiny-shapes --data shapes --out runs/tiny-mllm --overwrite
-	$(BIN)/python -m unitok.mllm_cli export runs/tiny-mllm data/tiny-mllm --overwrite
+	$(BIN)/python -m unitok.cli.mllm export runs/tiny-mllm data/tiny-mllm --overwrite
 
 clean:
 	rm -rf $(VENV) .pytest_cache

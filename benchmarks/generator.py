@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import matmul_peak  # noqa: E402  (the same peak measurement as the other benchmarks)
 
 import unitok  # noqa: E402,F401
-from unitok.generator import GeneratorConfig, TokenGenerator  # noqa: E402
-from unitok.generator_train import GeneratorTrainConfig  # noqa: E402
-from unitok.model import UniTok  # noqa: E402
-from unitok.runtime import training_autocast, uses_bf16  # noqa: E402
+from unitok.generator.model import GeneratorConfig, TokenGenerator  # noqa: E402
+from unitok.generator.trainer import GeneratorTrainConfig  # noqa: E402
+from unitok.tokenizer.model import UniTok  # noqa: E402
+from unitok.training.machine import training_autocast, uses_bf16  # noqa: E402
 
 REFERENCE_PEAK = 192e9   # GFLOP/s of the 2-core machine the README's times refer to
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def build(preset: str, device):
 
 
 def time_training(gen, tok, batch: int, steps: int, device, cpu_bf16: str = "off") -> dict:
-    """Median training step; on a GPU under bf16 autocast, on the CPU as `cpu_bf16` says (unitok.runtime)."""
+    """Median training step; on a GPU under bf16 autocast, on the CPU as `cpu_bf16` says (unitok.training.machine)."""
     cfg = gen.config
     opt = torch.optim.AdamW(gen.parameters(), lr=1e-4, fused=device.type == "cuda")
     codes = torch.randint(0, cfg.codebook_size, (batch, cfg.grid_size, cfg.grid_size, cfg.num_codebooks),

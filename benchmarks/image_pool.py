@@ -25,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import unitok  # noqa: F401  (applies the torchvision fix before timm is imported)
-from unitok.config import get_preset
-from unitok.data import build_dataset
-from unitok.model import UniTok
+from unitok.tokenizer.config import get_preset
+from unitok.data.datasets import build_dataset
+from unitok.tokenizer.model import UniTok
 
 
 def _batch(ds, start: int, n: int):

@@ -66,7 +66,7 @@ class ReferenceLoopQuantizer(nn.Module):
 def build(name):
     torch.manual_seed(0)
     if name == "unitok":
-        from unitok.quantizer import MultiCodebookQuantizer
+        from unitok.tokenizer.quantizer import MultiCodebookQuantizer
         q = MultiCodebookQuantizer(DIM, K_BOOKS, K_CODES)
 
         def run(z):

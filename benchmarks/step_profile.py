@@ -23,11 +23,11 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from unitok.config import get_preset
-from unitok.data import build_dataset
-from unitok.losses import UniTokLoss
-from unitok.model import UniTok
-from unitok.runtime import training_autocast
+from unitok.tokenizer.config import get_preset
+from unitok.data.datasets import build_dataset
+from unitok.training.losses import UniTokLoss
+from unitok.tokenizer.model import UniTok
+from unitok.training.machine import training_autocast
 
 REGIONS = ("data", "forward", "loss", "backward", "clip_grad", "optimizer")
 REFERENCE_PEAK = 192e9

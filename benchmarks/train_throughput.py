@@ -18,9 +18,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import unitok
-from unitok.config import get_preset
-from unitok.losses import UniTokLoss
-from unitok.runtime import training_autocast
+from unitok.tokenizer.config import get_preset
+from unitok.training.losses import UniTokLoss
+from unitok.training.machine import training_autocast
 
 
 def matmul_peak(device, size=2048, repeats=5) -> float:
@@ -49,11 +49,11 @@ def measure(preset_name, batch, steps, device, bf16=None):
     # The LPIPS term of base/paper costs the same with random VGG weights, and a benchmark must not need the file.
     perceptual = None
     if preset.model.lpips_weight:
-        from unitok.discriminator import build_lpips
+        from unitok.training.discriminator import build_lpips
 
         perceptual = build_lpips("random")
     loss_fn = UniTokLoss(preset.model, perceptual=perceptual)
-    # fused, as the trainer runs it (unitok.train): on CPU the per-tensor loop took ~10 % of a tiny step
+    # fused, as the trainer runs it (unitok.training.tokenizer_trainer): on CPU the per-tensor loop took ~10 % of a tiny step
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-6,
                             fused=device.type in ("cuda", "cpu"))
     s = preset.model.image_size
@@ -61,7 +61,7 @@ def measure(preset_name, batch, steps, device, bf16=None):
     texts = [f"a small red circle number {i}" for i in range(batch)]
     bf16 = device.type == "cuda" if bf16 is None else bf16
 
-    def amp():  # the trainers' context: on the CPU, bf16 also means the math attention kernel (unitok.runtime)
+    def amp():  # the trainers' context: on the CPU, bf16 also means the math attention kernel (unitok.training.machine)
         return training_autocast(device, amp=bf16, cpu_bf16="on" if bf16 else "off")
 
     def step():

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from unitok import ablate
-from unitok.ablate import (Scale, format_table, headline_metrics, load_results, plan, report, run_ablation,
+from unitok.studies import ablate
+from unitok.studies.ablate import (Scale, format_table, headline_metrics, load_results, plan, report, run_ablation,
                            summarize)
 
 
@@ -211,7 +211,7 @@ def test_format_table_lists_only_metrics_present():
 def test_generation_study_smoke(tmp_path, tiny_overrides, fixed_peak, monkeypatch):
     """Two tokenizers (k = 1 and k = 8 of the codebooks study) are trained first, then a generator on each one's
     codes; the record holds the held-out NLL and the prompt accuracy of samples."""
-    from unitok import generator_train
+    from unitok.generator import trainer as generator_train
 
     original = generator_train.load_shape_classifier
     monkeypatch.setattr(generator_train, "load_shape_classifier",   # a quick measuring CNN, cached in tmp_path

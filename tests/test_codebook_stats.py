@@ -1,14 +1,14 @@
-"""Tests for unitok.codebook_stats and unitok.codes: the statistics, the tracker, code checks (CPU, deterministic)."""
+"""Tests for unitok.evaluation.codebook_stats and unitok.tokenizer.codes: the statistics, the tracker, code checks (CPU, deterministic)."""
 import math
 
-import unitok._torchvision_fix as _tv
+import unitok.torchvision_fix as _tv
 
 _tv.apply()  # before torchmetrics/timm/open_clip import torchvision
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from unitok import codebook_stats as CS  # noqa: E402
+from unitok.evaluation import codebook_stats as CS  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------

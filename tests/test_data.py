@@ -1,4 +1,4 @@
-"""Tests for unitok.data: procedural shapes, Fashion-MNIST, folder and webdataset sources, helpers. CPU, seconds."""
+"""Tests for unitok.data.datasets: procedural shapes, Fashion-MNIST, folder and webdataset sources, helpers. CPU, seconds."""
 import gzip
 import io
 import json
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import unitok  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
-from unitok import data
-from unitok.data import (DATASETS, FashionMNIST, FolderDataset, ShapesDataset, WebDataset, build_dataset,
+from unitok.data import datasets as data
+from unitok.data.datasets import (DATASETS, FashionMNIST, FolderDataset, ShapesDataset, WebDataset, build_dataset,
                          make_grid_image, to_uint8_image)
 from PIL import Image
 

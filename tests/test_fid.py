@@ -1,7 +1,7 @@
-"""Tests for unitok.fid: feature extractors and the Fréchet distance (CPU, deterministic)."""
+"""Tests for unitok.evaluation.fid: feature extractors and the Fréchet distance (CPU, deterministic)."""
 import importlib.util
 
-import unitok._torchvision_fix as _tv
+import unitok.torchvision_fix as _tv
 
 _tv.apply()  # before torchmetrics/timm/open_clip import torchvision
 
@@ -10,8 +10,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from unitok import fid as FID  # noqa: E402
-from unitok.checkpoint import load_state_dict_by_position  # noqa: E402
+from unitok.evaluation import fid as FID  # noqa: E402
+from unitok.training.checkpoint import load_state_dict_by_position  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------

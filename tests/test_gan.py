@@ -14,10 +14,10 @@ import torch
 
 import unitok  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
 from unitok import UniTok, get_preset
-from unitok import discriminator as D
-from unitok.config import TrainConfig
-from unitok.losses import UniTokLoss
-from unitok.train import Trainer
+from unitok.training import discriminator as D
+from unitok.tokenizer.config import TrainConfig
+from unitok.training.losses import UniTokLoss
+from unitok.training.tokenizer_trainer import Trainer
 
 SMALL_GAN = ["width=64", "encoder_depth=1", "decoder_depth=1", "num_heads=2", "latent_dim=16", "num_codebooks=4",
              "codebook_size=64", "clip_weight=0", "batch_size=2", "eval_every=0", "log_every=1",

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from unitok.data import ShapesDataset
-from unitok.generator import GeneratorConfig, TokenGenerator, keep_best_aligned, tokenizer_hash
-from unitok.generator_train import (GeneratorTrainConfig, GeneratorTrainer, apply_generator_overrides,
+from unitok.data.datasets import ShapesDataset
+from unitok.generator.model import GeneratorConfig, TokenGenerator, keep_best_aligned, tokenizer_hash
+from unitok.generator.trainer import (GeneratorTrainConfig, GeneratorTrainer, apply_generator_overrides,
                                     blank_plain_codes, code_neighbours, corrupt_codes, extract_codes,
                                     mix_own_draws, pair_prompts, plain_colour_mask, self_feed_share)
 
@@ -24,7 +24,7 @@ SMALL = dict(width=32, depth=2, num_heads=2, depth_width=32, depth_layers=1, dep
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from unitok.model import UniTok
+    from unitok.tokenizer.model import UniTok
 
     return UniTok.from_pretrained(ROOT / "data" / "tiny-shapes").eval()
 
@@ -105,7 +105,7 @@ def test_classifier_starts_at_zero_so_the_first_loss_is_ln_K(tokenizer):
 
 @pytest.mark.parametrize("head", ["depth", "parallel"])
 def test_codebook_logits_score_codes_by_their_direction_in_the_tokenizers_codebook(tokenizer, head):
-    from unitok.generator import CodeClassifier
+    from unitok.generator.model import CodeClassifier
 
     cfg = GeneratorConfig.preset("tiny", tokenizer=tokenizer, head=head, **SMALL)
     assert cfg.code_logits == "codebook"
@@ -337,7 +337,7 @@ def test_bad_inputs_raise_value_errors_naming_what_was_expected(text_gen):
     with pytest.raises(ValueError, match="head must be one of"):
         GeneratorConfig(head="wide")
     with pytest.raises(ValueError, match="unknown setting 'widht'"):
-        apply_generator_overrides(GeneratorConfig(), __import__("unitok.generator_train").generator_train
+        apply_generator_overrides(GeneratorConfig(), __import__("unitok.generator.trainer").generator_train
                                   .GeneratorTrainConfig(), ["widht=3"])
 
 
@@ -359,7 +359,7 @@ def _trainer(tokenizer, cache, out_dir=None, resume=False, steps=40, train_extra
     codes = extract_codes(tokenizer, "shapes", "train", 384, 0, cache_dir=cache, progress=False, digest=digest)
     test = extract_codes(tokenizer, "shapes", "test", 64, 0, cache_dir=cache, progress=False, digest=digest)
     gen = GeneratorConfig.preset("tiny", tokenizer=tokenizer, **{**SMALL, **extra})
-    gen, train = apply_generator_overrides(gen, __import__("unitok.generator_train").generator_train
+    gen, train = apply_generator_overrides(gen, __import__("unitok.generator.trainer").generator_train
                                            .GeneratorTrainConfig(), [f"steps={steps}", "batch_size=16",
                                                                     "eval_every=0", "checkpoint_every=0",
                                                                     "lr=3e-3", "warmup_fraction=0.1",
@@ -381,7 +381,7 @@ def test_generator_captions_name_every_colour_and_keep_the_pictures(tokenizer, c
 
 
 def test_plain_colour_mask_finds_the_plain_background_and_its_colour():
-    from unitok.shapes import render_scene
+    from unitok.data.shapes import render_scene
 
     bg = np.array([0.3, -0.2, 0.5], np.float32)
     image = torch.from_numpy(render_scene([], bg, 32))
@@ -446,7 +446,7 @@ def test_code_cache_is_reused_and_keyed_by_the_tokenizer_hash(tokenizer, code_ca
     b = extract_codes(tokenizer, "shapes", "test", 64, 0, cache_dir=code_cache, progress=False, digest=digest)
     assert a.info["cache"] == b.info["cache"] and digest[:16] in a.info["cache"]
     assert torch.equal(a.codes, b.codes) and a.codes.shape == (64, 8, 8, 8)
-    fresh = tokenizer.encode(torch.stack([__import__("unitok.data").data.ShapesDataset(32, "test", length=64,
+    fresh = tokenizer.encode(torch.stack([__import__("unitok.data.datasets").data.ShapesDataset(32, "test", length=64,
                                                                                         max_objects=1)[i]["image"]
                                           for i in range(4)]))
     assert torch.equal(a.codes[:4].long(), fresh)
@@ -485,7 +485,7 @@ def test_code_noise_swaps_input_sub_codes_for_their_nearest_codes_and_keeps_the_
     near = (neighbours[book, codes] == noisy[..., None]).any(-1)         # each change is one of the 4 nearest
     assert near[changed].all()
     with pytest.raises(ValueError, match="code_noise must lie in"):
-        __import__("unitok.generator_train").generator_train.GeneratorTrainConfig(code_noise=1.0)
+        __import__("unitok.generator.trainer").generator_train.GeneratorTrainConfig(code_noise=1.0)
     with pytest.raises(ValueError, match="code_noise_neighbours must lie in"):
         code_neighbours(books, K)
 
@@ -597,7 +597,7 @@ def test_evaluate_generator_cli_scores_the_bundled_generator(run_cli, tmp_path, 
 @pytest.mark.skipif(not (ROOT / "data" / "tiny-generator" / "model.safetensors").exists(),
                     reason="the bundled generator is recreated by `make generator`")
 def test_export_records_recommended_sampling_and_keeps_the_summary(tmp_path):
-    from unitok.generator_cli import export_generator, parse_sampling, recommended_sampling
+    from unitok.cli.generator import export_generator, parse_sampling, recommended_sampling
 
     src = ROOT / "data" / "tiny-generator"
     dest = export_generator(src, tmp_path / "g", sampling=parse_sampling(["top_k=4", "cfg_scale=2.5"]))

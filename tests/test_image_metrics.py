@@ -1,12 +1,12 @@
-"""Tests for unitok.image_metrics: PSNR and SSIM on images in [-1, 1] (CPU, deterministic)."""
-import unitok._torchvision_fix as _tv
+"""Tests for unitok.evaluation.image_metrics: PSNR and SSIM on images in [-1, 1] (CPU, deterministic)."""
+import unitok.torchvision_fix as _tv
 
 _tv.apply()  # before torchmetrics/timm/open_clip import torchvision
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from unitok import image_metrics as IM  # noqa: E402
+from unitok.evaluation import image_metrics as IM  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 # Whether torchvision's compiled ops load next to this torch, probed in a fresh interpreter the way torchvision
-# itself (and unitok._torchvision_fix) does it: load its _C library.
+# itself (and unitok.torchvision_fix) does it: load its _C library.
 PROBE = """
     import glob, importlib.util, os, torch
     spec = importlib.util.find_spec("torchvision")
@@ -83,9 +83,9 @@ def test_without_unitok_torchvision_fails_where_its_ops_cannot_load(ops_load):
 
 def test_apply_returns_false_when_torchvision_was_already_imported(ops_load):
     assert "torchvision" in sys.modules                        # unitok imports timm, which imports torchvision
-    assert unitok._torchvision_fix.apply() is False
+    assert unitok.torchvision_fix.apply() is False
     # Each branch in isolation: fresh copies of the module, loaded from its file without unitok's __init__.
-    path = Path(unitok._torchvision_fix.__file__)
+    path = Path(unitok.torchvision_fix.__file__)
     result = run_python(f"""
         import importlib.util, sys
 

@@ -1,4 +1,4 @@
-"""The linear probe (unitok.linear_probe) and its place in evaluate_model."""
+"""The linear probe (unitok.evaluation.linear_probe) and its place in evaluate_model."""
 import copy
 import dataclasses
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from unitok import UniTok, get_preset
-from unitok.data import build_datasets
-from unitok.evaluate import evaluate_model
-from unitok.linear_probe import linear_probe, pooled_token_features
+from unitok.data.datasets import build_datasets
+from unitok.evaluation.tokenizer import evaluate_model
+from unitok.evaluation.linear_probe import linear_probe, pooled_token_features
 
 SMALL = dict(width=32, encoder_depth=1, decoder_depth=1, num_heads=2, latent_dim=16, num_codebooks=4,
              codebook_size=32, text_width=32, text_layers=1, text_heads=2, context_length=16)

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from unitok.mllm import SPECIALS, MLLMConfig, TextTokenizer, UnifiedModel
-from unitok.mllm_train import (MLLMTrainer, MLLMTrainConfig, QUESTION_TYPES, SceneSet, apply_mllm_overrides,
+from unitok.mllm.model import SPECIALS, MLLMConfig, TextTokenizer, UnifiedModel
+from unitok.mllm.trainer import (MLLMTrainer, MLLMTrainConfig, QUESTION_TYPES, SceneSet, apply_mllm_overrides,
                                canonical_caption, encode_scenes, eval_questions, make_question, parse_caption,
                                text_corpus)
-from unitok.model import UniTok
+from unitok.tokenizer.model import UniTok
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "data" / "tiny-shapes"
@@ -346,7 +346,7 @@ def test_notebook_10_runs_in_smoke_mode(subprocess_env):
         "assert 0.0 <= results['vqa_acc'] <= 1.0 and results['image_nll'] > 0\n"
         "assert len(captions) == 8 and all(isinstance(c, str) for c in captions)\n"
         "assert samples.shape[1:] == (8, 8, 8) and chat.last_answer is not None\n"
-        "from unitok.mllm_roadmap import ROADMAP\n"
+        "from unitok.studies.roadmap import ROADMAP\n"
         "vqa = {r['setting']: r for r in roadmap_rows if r['metric'] == 'mllm_vqa_acc'}\n"
         "assert list(vqa) == list(ROADMAP) and all(r['n'] == 3 for r in vqa.values())\n"
         "print('checks passed')"))
@@ -364,8 +364,8 @@ def test_notebook_10_runs_in_smoke_mode(subprocess_env):
 
 # ---------------------------------------------------------------------------------------------------- roadmap
 def test_roadmap_study_plans_six_arms_on_five_tokenizers():
-    from unitok.ablate import Scale, parse_studies, plan
-    from unitok.mllm_roadmap import ROADMAP
+    from unitok.studies.ablate import Scale, parse_studies, plan
+    from unitok.studies.roadmap import ROADMAP
 
     assert "roadmap" not in parse_studies("all") and parse_studies("codebooks,roadmap") == ["codebooks", "roadmap"]
     tasks = plan("roadmap", 1, Scale())
@@ -383,8 +383,8 @@ def test_roadmap_study_plans_six_arms_on_five_tokenizers():
 def test_roadmap_results_are_tabulated_and_drawn_next_to_the_papers_numbers(tmp_path):
     import matplotlib
     matplotlib.use("Agg")
-    from unitok.ablate import format_table, summarize
-    from unitok.mllm_roadmap import ROADMAP, plot_roadmap
+    from unitok.studies.ablate import format_table, summarize
+    from unitok.studies.roadmap import ROADMAP, plot_roadmap
 
     records = [{"study": "roadmap", "setting": name, "seed": seed, "run": f"{name}-{seed}",
                 "metrics": {"mllm_vqa_acc": 0.4 + 0.01 * i + 0.02 * seed, "mllm_caption_acc": 0.5}}
@@ -402,7 +402,7 @@ def test_roadmap_results_are_tabulated_and_drawn_next_to_the_papers_numbers(tmp_
 
 
 def test_model_steps_set_the_unified_models_training_but_not_the_tokenizers(tmp_path):
-    from unitok.ablate import Scale, plan, run_ablation
+    from unitok.studies.ablate import Scale, plan, run_ablation
 
     short, long = plan("roadmap", 1, Scale()), plan("roadmap", 1, Scale(generator_steps=800))
     assert [t.spec["steps"] for t in long] == [800] * 6 and [t.spec["steps"] for t in short] == [200] * 6

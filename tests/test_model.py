@@ -1,4 +1,4 @@
-"""Tests for unitok.model.UniTok, unitok.projection, unitok.config and unitok.losses. CPU, ~15 s.
+"""Tests for unitok.tokenizer.model.UniTok, unitok.tokenizer.projection, unitok.tokenizer.config and unitok.training.losses. CPU, ~15 s.
 
 tiny and small presets run for real (batch 2); base and paper are built on the meta device (shapes and parameter
 counts without allocating or computing anything).
@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 import unitok  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
 from unitok import AttnProjection, LinearProjection, ModelConfig, UniTok, UniTokOutput, get_preset
-from unitok.config import Preset, TrainConfig, apply_overrides, from_dict
-from unitok.losses import UniTokLoss
-from unitok.checkpoint import load_state_dict_checked
-from unitok.projection import ProjectionAttention, build_projection
+from unitok.tokenizer.config import Preset, TrainConfig, apply_overrides, from_dict
+from unitok.training.losses import UniTokLoss
+from unitok.training.checkpoint import load_state_dict_checked
+from unitok.tokenizer.projection import ProjectionAttention, build_projection
 
 CAPTIONS = ["a red circle", "a small blue square on the left"]
 

@@ -1,4 +1,4 @@
-"""Tests for unitok.quantizer.MultiCodebookQuantizer (MCQ). CPU, a few seconds.
+"""Tests for unitok.tokenizer.quantizer.MultiCodebookQuantizer (MCQ). CPU, a few seconds.
 
 The centre piece is a property test: the vectorised, block-chunked quantizer must agree with a plain Python loop
 over sub-codebooks written here straight from the equations in docs/method.md (per chunk: L2-normalise chunk and
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import unitok  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
-from unitok.quantizer import MultiCodebookQuantizer, QuantizerOutput
+from unitok.tokenizer.quantizer import MultiCodebookQuantizer, QuantizerOutput
 
 HYPOTHESIS = settings(max_examples=40, deadline=None, derandomize=True, database=None)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import unitok
 from unitok import ModelConfig, UniTok
-from unitok import reference as R
+from unitok.tokenizer import reference as R
 
 W, LATENT, K, KB = 128, 16, 32, 4         # width, latent, codes per codebook, codebooks
 STEM, S1, S2, C2, C3 = 8, 8, 16, 16, 8    # conv widths (the real large model: 160, 160, 320 / 320, 160)

@@ -21,7 +21,7 @@ from PIL import Image
 
 import unitok  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
 from unitok import cli
-from unitok.runs import RunFolderError, RunLock, claim_run_folder, holds_run, staged_folder
+from unitok.training.runs import RunFolderError, RunLock, claim_run_folder, holds_run, staged_folder
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -358,7 +358,7 @@ def _gray(mode: str, value01: float, size: int = 12) -> Image.Image:
 @pytest.mark.parametrize("mode", ["RGB", "L", "I;16", "I", "F", "CMYK", "LA", "P", "RGBA"])
 @pytest.mark.parametrize("value01", [0.25, 0.75])
 def test_every_pil_mode_loads_with_the_right_brightness(mode, value01):
-    from unitok.data import pil_to_tensor
+    from unitok.data.datasets import pil_to_tensor
 
     image = _gray(mode, value01)
     assert image.mode == mode
@@ -388,8 +388,8 @@ def test_skipped_inputs_are_counted_by_reason_and_listed(tmp_path, cli_call, tin
     assert len(listed) == 3 and any(line.startswith(str(folder / "gone.png")) for line in listed)
 
 
-@pytest.mark.parametrize("module, run", [("unitok.generator_cli", str(ROOT / "data" / "tiny-generator")),
-                                         ("unitok.mllm_cli", str(ROOT / "data" / "tiny-mllm"))])
+@pytest.mark.parametrize("module, run", [("unitok.cli.generator", str(ROOT / "data" / "tiny-generator")),
+                                         ("unitok.cli.mllm", str(ROOT / "data" / "tiny-mllm"))])
 def test_module_export_refuses_a_non_empty_folder_in_one_line(tmp_path, module, run):
     import subprocess
     import sys

@@ -1,4 +1,4 @@
-"""Tests for unitok.runtime (device lookup, eval_mode and the model lock) and unitok.codes. CPU, seconds.
+"""Tests for unitok.training.machine (device lookup, eval_mode and the model lock) and unitok.tokenizer.codes. CPU, seconds.
 
 Nothing here measures time: whether another thread can take the model's lock is asked with a non-blocking
 acquire, so the answers are exact.
@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from unitok.codes import check_codes, count_codes
-from unitok.config import apply_overrides, get_preset
-from unitok.data import ShapesDataset
-from unitok.runtime import eval_mode, model_device, model_lock, pick_device
-from unitok.train import Trainer
+from unitok.tokenizer.codes import check_codes, count_codes
+from unitok.tokenizer.config import apply_overrides, get_preset
+from unitok.data.datasets import ShapesDataset
+from unitok.training.machine import eval_mode, model_device, model_lock, pick_device
+from unitok.training.tokenizer_trainer import Trainer
 
 
 def _lock_free_elsewhere(model) -> bool:
@@ -125,11 +125,11 @@ def test_check_codes_accepts_valid_and_skips_range_when_asked():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# bf16 autocast for training (unitok.runtime.training_autocast)
+# bf16 autocast for training (unitok.training.machine.training_autocast)
 # ---------------------------------------------------------------------------------------------------------------
 def test_cpu_bf16_choice_is_explicit_and_checked():
-    from unitok.config import TrainConfig
-    from unitok.runtime import cpu_has_bf16_matmul, uses_bf16
+    from unitok.tokenizer.config import TrainConfig
+    from unitok.training.machine import cpu_has_bf16_matmul, uses_bf16
 
     cpu = torch.device("cpu")
     assert uses_bf16(cpu, amp=True, cpu_bf16="off") is False      # amp alone never turns the CPU to bf16
@@ -143,7 +143,7 @@ def test_cpu_bf16_choice_is_explicit_and_checked():
 
 def test_training_autocast_runs_matmuls_in_bf16_and_attention_through_the_math_kernel():
     import torch.nn.functional as F
-    from unitok.runtime import training_autocast
+    from unitok.training.machine import training_autocast
 
     torch.manual_seed(0)
     lin = nn.Linear(16, 16)
@@ -162,7 +162,7 @@ def test_training_autocast_runs_matmuls_in_bf16_and_attention_through_the_math_k
 
 
 def test_bf16_training_steps_are_repeatable_and_recorded(tiny_overrides, tmp_path):
-    from unitok.train import Trainer
+    from unitok.training.tokenizer_trainer import Trainer
 
     def three_steps(out):
         trainer = Trainer.from_preset("tiny", data="shapes", out_dir=out,

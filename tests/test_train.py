@@ -1,4 +1,4 @@
-"""Tests for unitok.train: a short real training run, the lr schedule, determinism, exact resume after SIGKILL,
+"""Tests for unitok.training.tokenizer_trainer: a short real training run, the lr schedule, determinism, exact resume after SIGKILL,
 DDP on two CPU processes, folder data, the NaN guard, checkpoint/config mismatches and evaluation.
 
 CPU only, small models (see conftest.tiny_overrides). Nothing here asserts on time: the machine is shared.
@@ -22,10 +22,10 @@ from torch.utils.data import Dataset
 
 import unitok  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
 from unitok import cli
-from unitok.config import TrainConfig, apply_overrides, get_preset
-from unitok.data import build_datasets
-from unitok.evaluate import evaluate_model
-from unitok.train import NonFiniteLossError, StepBatchSampler, Trainer, lr_at
+from unitok.tokenizer.config import TrainConfig, apply_overrides, get_preset
+from unitok.data.datasets import build_datasets
+from unitok.evaluation.tokenizer import evaluate_model
+from unitok.training.tokenizer_trainer import NonFiniteLossError, StepBatchSampler, Trainer, lr_at
 
 TRAIN_STEPS = 200
 LOSS_TERMS = ("loss", "l1", "l2", "vq", "clip")
@@ -293,10 +293,10 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 import unitok
-from unitok.codebook_stats import all_reduce_counts
-from unitok.config import apply_overrides, get_preset
-from unitok.data import build_datasets
-from unitok.train import Trainer
+from unitok.evaluation.codebook_stats import all_reduce_counts
+from unitok.tokenizer.config import apply_overrides, get_preset
+from unitok.data.datasets import build_datasets
+from unitok.training.tokenizer_trainer import Trainer
 
 out, overrides = Path(sys.argv[1]), json.loads(sys.argv[2])
 preset = apply_overrides(get_preset("tiny"), overrides)

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from unitok import UniTok, get_preset
-from unitok.data import ShapesDataset
-from unitok.losses import UniTokLoss, hard_negative_loss
-from unitok.train import StepBatchSampler, Trainer
+from unitok.data.datasets import ShapesDataset
+from unitok.training.losses import UniTokLoss, hard_negative_loss
+from unitok.training.tokenizer_trainer import StepBatchSampler, Trainer
 
 SMALL = dict(width=32, encoder_depth=1, decoder_depth=1, num_heads=2, latent_dim=16, num_codebooks=4,
              codebook_size=32, text_width=32, text_layers=1, text_heads=2, context_length=16)
@@ -53,7 +53,7 @@ def test_max_pooling_changes_only_the_image_feature_and_adds_no_weights():
 
 
 def test_a_saved_config_without_image_pool_loads_as_the_mean():
-    from unitok.config import ModelConfig, from_dict
+    from unitok.tokenizer.config import ModelConfig, from_dict
 
     values = dataclasses.asdict(dataclasses.replace(get_preset("tiny").model, **SMALL))
     del values["image_pool"]

@@ -28,9 +28,11 @@ from plotly.callbacks import Points  # noqa: E402
 
 import unitok_widgets as UW  # noqa: E402
 from unitok import UniTok, get_preset  # noqa: E402
-from unitok import codebook_stats, image_metrics, zero_shot  # noqa: E402
-from unitok.data import ShapesDataset  # noqa: E402
-from unitok.train import Trainer  # noqa: E402
+from unitok.evaluation import codebook_stats
+from unitok.evaluation import image_metrics
+from unitok.evaluation import zero_shot  # noqa: E402
+from unitok.data.datasets import ShapesDataset  # noqa: E402
+from unitok.training.tokenizer_trainer import Trainer  # noqa: E402
 from unitok_widgets import embeddings as embeddings_module  # noqa: E402
 
 # Small enough that a training step takes tens of milliseconds; k = 4 sub-codebooks of K = 64 codes, 8 x 8 tokens.
@@ -702,7 +704,7 @@ def test_stoppable_turns_an_interrupt_into_one_line(capsys):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_unitok_never_imports_widget_libraries():
-    code = ("import sys, unitok, unitok.train, unitok.evaluate, unitok.data\n"
+    code = ("import sys, unitok, unitok.training.tokenizer_trainer, unitok.evaluation.tokenizer, unitok.data.datasets\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
             "('ipywidgets', 'plotly', 'unitok_widgets', 'anywidget', 'IPython'))\n"
             "assert not bad, bad\n")

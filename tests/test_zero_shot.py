@@ -1,5 +1,5 @@
-"""Tests for unitok.zero_shot: zero-shot classification and retrieval with a fake model (CPU, deterministic)."""
-import unitok._torchvision_fix as _tv
+"""Tests for unitok.evaluation.zero_shot: zero-shot classification and retrieval with a fake model (CPU, deterministic)."""
+import unitok.torchvision_fix as _tv
 
 _tv.apply()  # before torchmetrics/timm/open_clip import torchvision
 
@@ -8,7 +8,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from unitok import zero_shot as ZS  # noqa: E402
+from unitok.evaluation import zero_shot as ZS  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------

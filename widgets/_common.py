@@ -16,7 +16,7 @@ import torch
 
 import ipywidgets as W
 
-from unitok.runtime import eval_mode, model_device, model_lock  # noqa: F401  (re-exported for the views)
+from unitok.training.machine import eval_mode, model_device, model_lock  # noqa: F401  (re-exported for the views)
 
 # Background threads (training, UMAP) may import modules while the main thread updates plotly figures. plotly looks
 # pandas up in sys.modules on every trace update and would find it half-initialised if a worker were importing it
@@ -82,7 +82,7 @@ def to_uint8(image) -> np.ndarray:
     """(3, H, W) tensor in [-1, 1] (or an already-converted uint8 (H, W, 3) array) -> uint8 (H, W, 3)."""
     if isinstance(image, np.ndarray) and image.dtype == np.uint8:
         return image
-    from unitok.data import to_uint8_image
+    from unitok.data.datasets import to_uint8_image
 
     return to_uint8_image(image)
 
@@ -239,7 +239,7 @@ def take_images(source, n: Optional[int] = None) -> torch.Tensor:
 def inference(model):
     """Eval mode + no_grad for the duration, holding the model's lock, restoring its training flag afterwards.
 
-    This is `unitok.runtime.eval_mode`: the TrainingDashboard trains in a background thread while the other views
+    This is `unitok.training.machine.eval_mode`: the TrainingDashboard trains in a background thread while the other views
     switch the *same* model to eval mode from the main thread. `Trainer.step` and `eval_mode` hold the same
     per-model lock (`model_lock`), so a view waits for the current step to end instead of flipping the model to
     eval mode in the middle of it (with dead-code restart on, that batch would go uncounted).

@@ -46,7 +46,7 @@ class UnifiedChat(View):
     """Caption, question answering and drawing with one model. See the module docstring.
 
     Args:
-        model: a `unitok.mllm.UnifiedModel` with its tokenizer attached.
+        model: a `unitok.mllm.model.UnifiedModel` with its tokenizer attached.
         data: pictures to pick from (a dataset, a batch (B, 3, S, S) in [-1, 1], or a list of items); default:
             64 test-split shapes pictures.
         index: the first picture shown. num_images: how many of `data` the picker offers.
@@ -65,7 +65,7 @@ class UnifiedChat(View):
         cfg = model.config
         self.image_size = model.tokenizer.config.image_size
         if data is None:
-            from unitok.data import ShapesDataset
+            from unitok.data.datasets import ShapesDataset
             data = ShapesDataset(self.image_size, "test", length=num_images)
         self.images, self.captions, _ = take_items(data, num_images)
         self.answers: list = []
@@ -148,7 +148,7 @@ class UnifiedChat(View):
         """Any picture file's bytes (any size or mode): converted to RGB and resized to the tokenizer's size."""
         from PIL import Image, UnidentifiedImageError
 
-        from unitok.data import pil_to_tensor
+        from unitok.data.datasets import pil_to_tensor
 
         try:
             with Image.open(io.BytesIO(bytes(data))) as image:

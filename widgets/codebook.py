@@ -8,7 +8,7 @@
 Shows, per sub-codebook: sorted code frequencies (log y; where the curve stops, the remaining codes are dead), a
 table of usage / dead codes / perplexity / normalised entropy with the window (N tokens) stated, and the k x k
 mutual-information heatmap (are the chunks really independent?). All statistics come from
-`unitok.codebook_stats.codebook_stats`, the project's one definition.
+`unitok.evaluation.codebook_stats.codebook_stats`, the project's one definition.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from unitok import codebook_stats as M
+from unitok.evaluation import codebook_stats as M
 
 from ._common import (FIG_WIDTH, HALF_WIDTH, code_counts, codebook_colour, encode_images, figure_layout,
                       html_table, json_safe, new_figure, take_images, title_html, View)
@@ -32,7 +32,7 @@ class CodebookUsage(View):
 
     Args:
         model: a UniTok model (with `data`); or, in the same place, codes (..., k) int (with `codebook_size`), a
-            stats dict from `unitok.codebook_stats.codebook_stats`, or a Trainer (its window of recent training tokens).
+            stats dict from `unitok.evaluation.codebook_stats.codebook_stats`, or a Trainer (its window of recent training tokens).
         data: for a model: images (B, 3, S, S) in [-1, 1], a dataset, or a list of items.
         num_images: how many of the data's first images to encode when `window` is None.
         window: number of tokens to use (the first `window` tokens); None = everything given.
@@ -59,7 +59,7 @@ class CodebookUsage(View):
         """-> (codes (N, k) or None, stats dict, a sentence saying where the tokens came from)."""
         if isinstance(source, dict):
             if "codebook_usage" not in source or "window_tokens" not in source:
-                raise ValueError("expected a stats dict from unitok.codebook_stats.codebook_stats (keys 'codebook_usage', "
+                raise ValueError("expected a stats dict from unitok.evaluation.codebook_stats.codebook_stats (keys 'codebook_usage', "
                                  f"'window_tokens', ...), got keys {sorted(source)[:8]}")
             return None, dict(source), f"statistics given over {source['window_tokens']:,} tokens"
         if isinstance(source, (torch.Tensor, np.ndarray)):

@@ -32,7 +32,7 @@ class GenerationExplorer(View):
     """Sample, step through and edit generated images. See the module docstring.
 
     Args:
-        generator: a `unitok.generator.TokenGenerator` with its tokenizer attached.
+        generator: a `unitok.generator.model.TokenGenerator` with its tokenizer attached.
         data: unused (kept for the shared view signature).
         prompt: the first prompt (text models) or class index (class models).
         num_images: samples in the grid (a multiple of 4 reads best).

@@ -19,7 +19,7 @@ import torch
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from unitok import image_metrics as M
+from unitok.evaluation import image_metrics as M
 
 from ._common import (HALF_WIDTH, IMAGE_PX, code_counts, codebook_colour, encode_images, error_map,
                       figure_layout, fmt_db, hbox, image_widget, inference, model_device, new_figure,

@@ -1,4 +1,4 @@
-"""TrainingDashboard: Run / Pause / Step a `unitok.train.Trainer` from Jupyter and watch it learn.
+"""TrainingDashboard: Run / Pause / Step a `unitok.training.tokenizer_trainer.Trainer` from Jupyter and watch it learn.
 
     >>> trainer = Trainer.from_preset("tiny", data="shapes", overrides=["eval_images=256", "log_every=10"])
     >>> dash = TrainingDashboard(trainer)
@@ -57,7 +57,7 @@ class TrainingDashboard(View):
     """Live training curves and codebook health for a Trainer, with Run / Pause / Step / Evaluate buttons.
 
     Args:
-        trainer: a `unitok.train.Trainer` (anything with `step()`, `history`, `add_callback`, `model_config`,
+        trainer: a `unitok.training.tokenizer_trainer.Trainer` (anything with `step()`, `history`, `add_callback`, `model_config`,
             `config`, `step_count` works).
         redraw_every_s: at most one redraw per this many seconds while training.
         steps: initial value of the steps box (how many steps Run performs).

@@ -7,7 +7,7 @@
     >>> panel.ranking                                         # [(class, probability), ...] best first
 
 Scores follow CLIP: each class's text feature is the normalised mean over templates of
-`model.encode_text(template.format(name))` (`unitok.zero_shot.zero_shot_classifier`), and the probabilities are
+`model.encode_text(template.format(name))` (`unitok.evaluation.zero_shot.zero_shot_classifier`), and the probabilities are
 softmax(scale · cos(image feature, class feature)) over the classes, scale = 100 as in CLIP's zero-shot evaluation.
 A scale of 100 turns small differences in cosine into near-certain probabilities (a cosine 0.05 higher is a factor
 e^5 ≈ 148 in odds), so every bar also shows its cosine, and `scale` can be switched to the model's own learned
@@ -23,7 +23,7 @@ import torch
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from unitok import zero_shot as M
+from unitok.evaluation import zero_shot as M
 
 from ._common import (figure_layout, image_widget, inference, model_device, new_figure, set_image, take_items,
                       title_html, to_uint8, View)
@@ -251,7 +251,7 @@ class ZeroShotPanel(View):
 
         from PIL import Image
 
-        from unitok.data import pil_to_tensor
+        from unitok.data.datasets import pil_to_tensor
 
         if not self.upload.value:
             return

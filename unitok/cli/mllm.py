@@ -30,7 +30,7 @@ def load_mllm(path=None, device: str = "cpu"):
 
 def load_mllm_folder(path=None, device: str = "cpu"):
     """(UnifiedModel, the folder its weights came from); `unitok generate --mllm` draws with it."""
-    from .mllm import UnifiedModel
+    from ..mllm.model import UnifiedModel
 
     folder = Path(path) if path else BUNDLED
     if not folder.exists():
@@ -48,7 +48,7 @@ def read_pictures(paths, image_size: int):
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from .data import pil_to_tensor
+    from ..data.datasets import pil_to_tensor
 
     out = []
     for p in paths:
@@ -71,11 +71,11 @@ def read_pictures(paths, image_size: int):
 
 
 def _train_mllm(args) -> int:
-    from .cli import read_json
-    from .mllm_train import MLLMTrainer, REFERENCE_GFLOPS
-    from .model import UniTok
-    from .mllm import TextTokenizer
-    from .runs import holds_run
+    from .app import read_json
+    from ..mllm.trainer import MLLMTrainer, REFERENCE_GFLOPS
+    from ..tokenizer.model import UniTok
+    from ..mllm.model import TextTokenizer
+    from ..training.runs import holds_run
 
     if args.data != "shapes":
         raise ValueError(f"--data {args.data}: the unified model's tasks are built from the shapes labels; "
@@ -118,7 +118,7 @@ def _train_mllm(args) -> int:
         trainer.run()
     except KeyboardInterrupt:
         saved = trainer.last_checkpoint_step()
-        from .cli import Interrupted
+        from .app import Interrupted
         raise Interrupted(f"stopped at step {trainer.step_count}; last checkpoint: step {saved}; resume with: "
                           f"{COMMAND} --tokenizer {tok_path} --out {out} --resume") from None
     trainer.save_checkpoint()
@@ -194,7 +194,7 @@ def export(run, dest, overwrite: bool = False) -> Path:
     (`make checkpoint-mllm` writes data/tiny-mllm this way), with the run's summary.json."""
     import torch
 
-    from .runs import staged_folder
+    from ..training.runs import staged_folder
 
     run, dest = Path(run), Path(dest)
     model, folder = load_mllm_folder(run / "final" if (run / "final").is_dir() else run)
@@ -214,17 +214,17 @@ def export(run, dest, overwrite: bool = False) -> Path:
     return dest
 
 
-if __name__ == "__main__":   # python -m unitok.mllm_cli export RUN DEST [--overwrite]
+if __name__ == "__main__":   # python -m unitok.cli.mllm export RUN DEST [--overwrite]
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m unitok.mllm_cli")
+    ap = argparse.ArgumentParser(prog="python -m unitok.cli.mllm")
     ap.add_argument("action", choices=["export"])
     ap.add_argument("run")
     ap.add_argument("dest")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = ap.parse_args()
-    from .cli import run_reporting_errors
+    from .app import run_reporting_errors
 
-    sys.exit(run_reporting_errors("python -m unitok.mllm_cli export",
+    sys.exit(run_reporting_errors("python -m unitok.cli.mllm export",
                                   lambda: print(f"exported {a.run} -> {export(a.run, a.dest, a.overwrite)}"), a.debug))

@@ -17,8 +17,8 @@
 Module names follow the reference's state-dict prefixes (encoder, quant_proj, quantizer, post_quant_proj, decoder,
 text_encoder, fc_norm, projection, logit_scale). The default blocks are a compact toy layout; the released
 checkpoint's own layout (ViTamin encoder, convolutional decoder, its projections) is the config choice
-`encoder="vitamin_large", decoder="vitamin", projection="attn_reference"` (`unitok.vitamin`), and
-`UniTok.from_reference` loads that checkpoint into it (`unitok.reference`).
+`encoder="vitamin_large", decoder="vitamin", projection="attn_reference"` (`unitok.tokenizer.vitamin`), and
+`UniTok.from_reference` loads that checkpoint into it (`unitok.tokenizer.reference`).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from timm.layers import GluMlp, Mlp, PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 
-from .checkpoint import atomic_write, load_state_dict_checked, read_safetensors
+from ..training.checkpoint import atomic_write, load_state_dict_checked, read_safetensors
 from .config import ModelConfig, from_dict, get_preset
 from .projection import build_projection
 from .quantizer import MultiCodebookQuantizer, QuantizerOutput
@@ -123,7 +123,7 @@ class ViTDecoder(nn.Module):
 
 
 def _projection(cfg: ModelConfig, in_dim: int, out_dim: int) -> nn.Module:
-    """The projection around the quantizer: "attn" / "linear" (unitok.projection) or the released layout."""
+    """The projection around the quantizer: "attn" / "linear" (unitok.tokenizer.projection) or the released layout."""
     if cfg.projection == "attn_reference":
         from .vitamin import ReferenceAttnProjection
 
@@ -188,7 +188,7 @@ class UniTok(nn.Module):
         """The released UniTok (a `.pth` file, or a Hugging Face repo id), computing what the reference computes.
 
         overrides: ModelConfig fields to change, e.g. `projection_causal=True` for the Feb-2025 release.
-        See `unitok.reference.load_reference` for the file format and the checks.
+        See `unitok.tokenizer.reference.load_reference` for the file format and the checks.
         """
         from .reference import load_reference
 

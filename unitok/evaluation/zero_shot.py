@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .runtime import eval_mode, model_device
+from ..training.machine import eval_mode, model_device
 
 __all__ = ["zero_shot_classifier", "zero_shot_accuracy", "retrieval_recall"]
 

@@ -1,4 +1,4 @@
-"""Tasks, training and measurement of the unified model (`unitok.mllm.UnifiedModel`) on the shapes data.
+"""Tasks, training and measurement of the unified model (`unitok.mllm.model.UnifiedModel`) on the shapes data.
 
     >>> tok = UniTok.from_pretrained("data/tiny-shapes")
     >>> trainer = MLLMTrainer.from_tokenizer(tok, "data/tiny-shapes", out_dir="runs/mllm")
@@ -7,7 +7,7 @@
     >>> trainer.evaluate()      # caption attribute accuracy, VQA accuracy per question type, text / image NLL
 
 Data: images of a split are encoded once by the frozen tokenizer and cached (codes, and the continuous features
-when the model reads those) with their scene descriptions under `unitok.data.default_cache_dir()/mllm/`; the file
+when the model reads those) with their scene descriptions under `unitok.data.datasets.default_cache_dir()/mllm/`; the file
 name carries the tokenizer's weight hash. Every training sequence is then built on the fly from a scene:
 
 - i2t targets are *canonical* captions that always name size, colour, shape and position of every object and the
@@ -38,14 +38,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .checkpoint import atomic_write, load_state_dict_checked, read_torch
-from .config import _coerce, _split_override
-from .data import ShapesDataset, default_cache_dir
-from .generator import tokenizer_hash
-from .mllm import MLLMConfig, TextTokenizer, UnifiedModel
-from .runs import RunLock, atomic_write_text, prepare_run_folder
-from .runtime import pick_device, training_autocast, uses_bf16
-from .train import NonFiniteLossError, StepBatchSampler, lr_at, seed_everything
+from ..training.checkpoint import atomic_write, load_state_dict_checked, read_torch
+from ..tokenizer.config import _coerce, _split_override
+from ..data.datasets import ShapesDataset, default_cache_dir
+from ..generator.model import tokenizer_hash
+from .model import MLLMConfig, TextTokenizer, UnifiedModel
+from ..training.runs import RunLock, atomic_write_text, prepare_run_folder
+from ..training.machine import pick_device, training_autocast, uses_bf16
+from ..training.tokenizer_trainer import NonFiniteLossError, StepBatchSampler, lr_at, seed_everything
 
 COMMAND = "unitok train-mllm"
 DS = ShapesDataset
@@ -297,7 +297,7 @@ class MLLMTrainConfig:
     betas: tuple = (0.9, 0.95)
     weight_decay: float = 0.05
     eps: float = 1e-8
-    warmup_fraction: float = 0.05      # linear warm-up, then cosine to min_lr_ratio * lr (unitok.train.lr_at)
+    warmup_fraction: float = 0.05      # linear warm-up, then cosine to min_lr_ratio * lr (unitok.training.tokenizer_trainer.lr_at)
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     seed: int = 0
@@ -355,7 +355,7 @@ def apply_mllm_overrides(model: MLLMConfig, train: MLLMTrainConfig, overrides) -
 # the trainer
 # ---------------------------------------------------------------------------------------------------------------
 class MLLMTrainer:
-    """Trains a UnifiedModel one step at a time (the conventions of `unitok.train.Trainer`: step() / run() /
+    """Trains a UnifiedModel one step at a time (the conventions of `unitok.training.tokenizer_trainer.Trainer`: step() / run() /
     history / callbacks, exact resume, atomic checkpoints, a NaN guard, one run per folder).
 
     Args:
@@ -707,9 +707,9 @@ def evaluate_understanding(model: UnifiedModel, sset: SceneSet, max_images: Opti
 def evaluate_t2i(model: UnifiedModel, num: int = 4, cfg_scale: float = 3.0, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, classifier=None) -> dict:
     """Prompt accuracy of generated images ("a {colour} {shape}" for the 53 seen and the 11 held-out pairs, `num`
-    each), read by the project's shape classifier (`unitok.generator_train.evaluate_samples`):
+    each), read by the project's shape classifier (`unitok.generator.trainer.evaluate_samples`):
     t2i_colour_acc, t2i_shape_acc, t2i_both_acc (and `_heldout`)."""
-    from .generator_train import evaluate_samples
+    from ..generator.trainer import evaluate_samples
 
     res = evaluate_samples(model, num=num, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
                            seed=seed, classifier=classifier, fid=False, heldout=True)

@@ -18,16 +18,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Optional, Union
 
-from . import _torchvision_fix
+from .. import torchvision_fix
 
-_torchvision_fix.apply()  # before torchmetrics.image pulls in torchvision
+torchvision_fix.apply()  # before torchmetrics.image pulls in torchvision
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from .checkpoint import load_state_dict_by_position, read_torch  # noqa: E402
-from .runtime import model_device  # noqa: E402
+from ..training.checkpoint import load_state_dict_by_position, read_torch  # noqa: E402
+from ..training.machine import model_device  # noqa: E402
 
 __all__ = ["EfficientNetLite0Features", "InceptionFeatures", "FIDAccumulator", "fid"]
 

@@ -9,13 +9,13 @@
   asked for ("proxy" = EfficientNet-Lite0 features, or a path to Inception-v3 weights for true rFID);
 - "zero_shot" / "zero_shot_heldout": zero-shot top-1 / top-5 for every task the dataset lists
   (`dataset.zero_shot_tasks()`: class names x prompt templates);
-- "probe_train" (with "zero_shot"): a linear probe per task (`unitok.linear_probe`): logistic regression on the
+- "probe_train" (with "zero_shot"): a linear probe per task (`unitok.evaluation.linear_probe`): logistic regression on the
   frozen mean-pooled quantized tokens, fitted on "probe_train" and tested on "zero_shot" (and on
   "zero_shot_heldout" for the headline task): `linear_probe_top1`, `linear_probe_<task>_top1`.
 The result names are the same as in the training log (`codebook_usage`, `dead_codes`, `perplexity`, ...).
 
 `make_summary` and `write_run_outputs` turn results into a run folder's summary.json, reconstructions.png and
-codebook_usage.png. The trainer (`unitok.train`) and the CLI's `unitok eval` both use this module.
+codebook_usage.png. The trainer (`unitok.training.tokenizer_trainer`) and the CLI's `unitok eval` both use this module.
 """
 from __future__ import annotations
 
@@ -28,15 +28,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
-from .checkpoint import atomic_write
+from ..training.checkpoint import atomic_write
 from .codebook_stats import codebook_stats
-from .config import ModelConfig
-from .data import make_grid_image
+from ..tokenizer.config import ModelConfig
+from ..data.datasets import make_grid_image
 from .fid import EfficientNetLite0Features, FIDAccumulator, InceptionFeatures
 from .image_metrics import psnr, ssim
 from .linear_probe import linear_probe, pooled_token_features
-from .model import UniTok
-from .runtime import eval_mode, model_device
+from ..tokenizer.model import UniTok
+from ..training.machine import eval_mode, model_device
 from .zero_shot import retrieval_recall, zero_shot_accuracy, zero_shot_classifier
 
 __all__ = ["evaluate_model", "make_summary", "write_run_outputs", "CODEBOOK_METRICS"]
@@ -67,9 +67,9 @@ def evaluate_model(model: UniTok, eval_data: Dict[str, Dataset], batch_size: int
     """One evaluation pass; see the module docstring for what is measured.
 
     Args:
-        model: a UniTok (its training flag is restored afterwards; see `unitok.runtime.eval_mode`).
+        model: a UniTok (its training flag is restored afterwards; see `unitok.training.machine.eval_mode`).
         eval_data: {"recon": ds, "zero_shot": ds, "zero_shot_heldout": ds}, any of them may be missing; items as
-            in `unitok.data`.
+            in `unitok.data.datasets`.
         batch_size: images per forward pass.
         device: default the model's device.
         fid: None / "none" (no FID), "proxy", or a path to torch-fidelity's Inception-v3 weights.

@@ -8,10 +8,10 @@
     >>> evaluate_samples(trainer.generator)   # prompt accuracy, diversity, proxy FID, code usage of samples
 
 Codes are extracted once from the frozen tokenizer (`extract_codes`, with a progress bar) and cached on disk under
-`unitok.data.default_cache_dir()/codes/`; the file name carries the tokenizer's weight hash, so a changed tokenizer
-never reuses stale codes. The trainer follows `unitok.train.Trainer`: `step()` / `run()` / `history` / callbacks,
+`unitok.data.datasets.default_cache_dir()/codes/`; the file name carries the tokenizer's weight hash, so a changed tokenizer
+never reuses stale codes. The trainer follows `unitok.training.tokenizer_trainer.Trainer`: `step()` / `run()` / `history` / callbacks,
 exact resume (the data order is a pure function of (seed, step); the RNG state is saved), atomic checkpoints, a
-NaN guard that stops before the bad update, DDP under torchrun, one run per folder (`unitok.runs`).
+NaN guard that stops before the bad update, DDP under torchrun, one run per folder (`unitok.training.runs`).
 
 Prompt accuracy uses `ShapeClassifier`, a small CNN with a colour head and a shape head trained once on real
 single-object shapes images (every colour x shape pair, held-out pairs included: it is the measuring instrument,
@@ -34,13 +34,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import atomic_write, load_state_dict_checked, read_torch
-from .config import _coerce, _split_override
-from .data import ShapesDataset, build_dataset, default_cache_dir
-from .generator import GeneratorConfig, TokenGenerator, tokenizer_hash
-from .runs import RunLock, atomic_write_text, prepare_run_folder
-from .runtime import pick_device, training_autocast, uses_bf16
-from .train import NonFiniteLossError, StepBatchSampler, _distributed, lr_at, seed_everything
+from ..training.checkpoint import atomic_write, load_state_dict_checked, read_torch
+from ..tokenizer.config import _coerce, _split_override
+from ..data.datasets import ShapesDataset, build_dataset, default_cache_dir
+from .model import GeneratorConfig, TokenGenerator, tokenizer_hash
+from ..training.runs import RunLock, atomic_write_text, prepare_run_folder
+from ..training.machine import pick_device, training_autocast, uses_bf16
+from ..training.tokenizer_trainer import NonFiniteLossError, StepBatchSampler, _distributed, lr_at, seed_everything
 
 COMMAND = "unitok train-generator"
 PLAIN_CODES = ("tokenizer", "background", "plain")   # GeneratorTrainConfig.plain_codes, `blank_plain_codes`
@@ -57,7 +57,7 @@ class GeneratorTrainConfig:
     betas: tuple = (0.9, 0.95)
     weight_decay: float = 0.05
     eps: float = 1e-8
-    warmup_fraction: float = 0.05     # linear warm-up, then cosine to min_lr_ratio * lr (unitok.train.lr_at)
+    warmup_fraction: float = 0.05     # linear warm-up, then cosine to min_lr_ratio * lr (unitok.training.tokenizer_trainer.lr_at)
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
@@ -325,14 +325,14 @@ def mix_own_draws(logits: torch.Tensor, codes: torch.Tensor, p: float) -> torch.
 # the trainer
 # ---------------------------------------------------------------------------------------------------------------
 class GeneratorTrainer:
-    """Trains a TokenGenerator one step at a time (same conventions as `unitok.train.Trainer`).
+    """Trains a TokenGenerator one step at a time (same conventions as `unitok.training.tokenizer_trainer.Trainer`).
 
     Args:
         gen_config, train_config: the two printable configs.
         tokenizer: the frozen UniTok (its text tower encodes captions; its decoder draws samples).
         train_codes: a CodeSet of training images; eval_codes: {"test": CodeSet, "heldout": CodeSet} for evaluate().
         out_dir: run folder (config.json, metrics.jsonl, eval.jsonl, checkpoint.pt, best/, summary.json) or None.
-        resume / overwrite: as for `unitok.train.Trainer` (a folder holding a run is refused without one of them).
+        resume / overwrite: as for `unitok.training.tokenizer_trainer.Trainer` (a folder holding a run is refused without one of them).
         tokenizer_path: where the tokenizer lives on disk, recorded in saved generators so they load on their own.
         class_key: the label used for class conditioning (shapes: "colour_shape").
     """
@@ -762,7 +762,7 @@ def evaluate_samples(generator: TokenGenerator, num: int = 8, temperature: float
     vs real test codes. rerank > 1: each sample is the best of that many draws by the tokenizer's image-text match
     (`TokenGenerator.generate`), a different sampler from the plain one; the sampling record says which.
     """
-    from .codebook_stats import codebook_stats
+    from ..evaluation.codebook_stats import codebook_stats
 
     classifier = classifier or load_shape_classifier(generator.tokenizer.config.image_size)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, rerank=rerank)
@@ -797,7 +797,7 @@ def evaluate_samples(generator: TokenGenerator, num: int = 8, temperature: float
     out["code_perplexity"] = float(np.mean(gs["perplexity"]))
     out["code_perplexity_real"] = float(np.mean(rs["perplexity"]))
     if fid:
-        from .fid import EfficientNetLite0Features, fid as fid_fn
+        from ..evaluation.fid import EfficientNetLite0Features, fid as fid_fn
 
         res = fid_fn(real, seen_images, EfficientNetLite0Features(), batch_size=64)
         out["fid_proxy"] = res["fid"] if isinstance(res, dict) else float(res)

@@ -1,7 +1,7 @@
 """The reference layout: ViTamin encoder without positions, the ViTamin convolutional decoder, the reference projection.
 
 These modules compute what the released UniTok computes and carry its parameter names, so its state dict loads key
-for key (after the few renames in `unitok.reference`). They are config choices of `UniTok`:
+for key (after the few renames in `unitok.tokenizer.reference`). They are config choices of `UniTok`:
 
     ModelConfig(encoder="vitamin_large", decoder="vitamin", projection="attn_reference", patch_size=16, ...)
 
@@ -212,7 +212,7 @@ class ReferenceAttnProjection(nn.Module):
         y = proj(norm3(x)) + attn(norm1(x));   y = y + mlp(norm2(y))
 
     norm1..3 are plain LayerNorms (eps 1e-5), `attn` is the multi-head projection attention of
-    `unitok.projection` (averaged heads going down, concatenated going up; q/v biases), `mlp` the GeGLU with its
+    `unitok.tokenizer.projection` (averaged heads going down, concatenated going up; q/v biases), `mlp` the GeGLU with its
     own input LayerNorm (eps 1e-6), tanh-GELU and hidden 2 x out.
     """
 

@@ -30,16 +30,16 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
-from .config import ModelConfig, Preset, TrainConfig, apply_overrides, get_preset, to_dict
+from ..tokenizer.config import ModelConfig, Preset, TrainConfig, apply_overrides, get_preset, to_dict
 from .checkpoint import atomic_write, load_state_dict_checked, read_torch
-from .codebook_stats import CodebookTracker, stats_from_counts
-from .data import build_datasets
-from .evaluate import evaluate_model, make_summary, write_run_outputs
+from ..evaluation.codebook_stats import CodebookTracker, stats_from_counts
+from ..data.datasets import build_datasets
+from ..evaluation.tokenizer import evaluate_model, make_summary, write_run_outputs
 from .discriminator import AdversarialLoss, build_lpips, check_loss_weights
 from .losses import UniTokLoss
-from .model import UniTok
+from ..tokenizer.model import UniTok
 from .runs import RunLock, atomic_write_text, prepare_run_folder
-from .runtime import model_lock, pick_device, training_autocast, uses_bf16
+from .machine import model_lock, pick_device, training_autocast, uses_bf16
 
 LOSS_TERMS = ("l1", "l2", "vq", "clip")
 
@@ -117,14 +117,14 @@ class Trainer:
     """Trains a UniTok model one step at a time. See the module docstring.
 
     Args:
-        model_config, train_config: the two printable configs (see `unitok.config`).
-        train_data: a dataset of {"image", "caption", "labels"} items (see `unitok.data`).
+        model_config, train_config: the two printable configs (see `unitok.tokenizer.config`).
+        train_data: a dataset of {"image", "caption", "labels"} items (see `unitok.data.datasets`).
         eval_data: datasets for `evaluate()`: {"recon": ds, "zero_shot": ds, "zero_shot_heldout": ds}; any may be
             missing. Built from `data` automatically by `from_preset`.
         out_dir: a run folder for config, metrics.jsonl, checkpoints and summary.json (None: keep nothing on disk).
         resume: continue from out_dir's latest checkpoint if there is one.
         overwrite: start a new run in an out_dir that holds one (the old run is moved aside, never deleted).
-            Without `resume` or `overwrite`, an out_dir that holds a run is refused (see `unitok.runs`).
+            Without `resume` or `overwrite`, an out_dir that holds a run is refused (see `unitok.training.runs`).
         data_spec: how the datasets were built (saved in the run's config so `unitok eval` can rebuild them).
     """
 
@@ -149,13 +149,13 @@ class Trainer:
         self.data_spec = data_spec or {"name": default_data_name(train_data)}
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self._lock = None
-        if self.out_dir is not None and self.is_main:  # one run per folder, one process per run (unitok.runs)
+        if self.out_dir is not None and self.is_main:  # one run per folder, one process per run (unitok.training.runs)
             prepare_run_folder(self.out_dir, resume=resume, overwrite=overwrite)
             self._lock = RunLock(self.out_dir, "unitok train").acquire()
             weakref.finalize(self, self._lock.release)
         self.loss_fn = UniTokLoss(model_config, self.rank, self.world_size, perceptual=build_lpips(
             train_config.lpips_weights).to(self.device) if model_config.lpips_weight else None)
-        # the GAN term and the discriminator, a second optimizer stepped in the same step (unitok.discriminator)
+        # the GAN term and the discriminator, a second optimizer stepped in the same step (unitok.training.discriminator)
         self.adversarial = (AdversarialLoss(model_config, train_config, self.device, autocast=self._autocast)
                             if model_config.gan_weight else None)
         self.optimizer = self._build_optimizer()
@@ -264,7 +264,7 @@ class Trainer:
     def step(self) -> dict:
         """One optimisation step. Returns its metrics (also appended to `history`).
 
-        Holds the model's lock (`unitok.runtime.model_lock`) for the whole step: a view that evaluates the same
+        Holds the model's lock (`unitok.training.machine.model_lock`) for the whole step: a view that evaluates the same
         model from another thread (`eval_mode`) waits for the step instead of switching the model to eval mode
         half-way through it."""
         with model_lock(self.model):

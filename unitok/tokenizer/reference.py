@@ -299,7 +299,7 @@ def reference_to_state_dict(state: Dict[str, torch.Tensor], config: ModelConfig)
 def load_reference(path_or_repo: PathLike = REFERENCE_REPO, map_location: str = "cpu", **overrides):
     """UniTok with the reference checkpoint's weights (see the module docstring). Strict: any key left over or
     missing, or any shape that differs, is a ValueError listing them all."""
-    from .checkpoint import load_state_dict_checked
+    from ..training.checkpoint import load_state_dict_checked
     from .model import UniTok
 
     path = resolve_reference(path_or_repo)
@@ -321,7 +321,7 @@ def convert(src: PathLike, out_dir: PathLike, overwrite: bool = False, **overrid
     files are written into a temporary folder next to it that is renamed into place at the end, so an interrupted
     conversion never leaves a half-written model.
     """
-    from .runs import staged_folder
+    from ..training.runs import staged_folder
 
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:  # before loading

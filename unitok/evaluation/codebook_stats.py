@@ -21,7 +21,7 @@ from typing import Optional, Union
 
 import torch
 
-from .codes import check_codes, count_codes
+from ..tokenizer.codes import check_codes, count_codes
 
 __all__ = ["codebook_stats", "stats_from_counts", "CodebookTracker", "all_reduce_counts", "count_codes"]
 

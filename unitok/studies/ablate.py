@@ -17,10 +17,10 @@ Studies (`STUDIES`): each asks one of the paper's questions at a scale a laptop 
                 comes from the *quantized* tokens, so the quantizer and its VQ loss stay) / both (the default).
 - `init`        the image encoder and text tower first trained as a continuous CLIP on the same data (a short
                 contrastive run, `pretrain_clip`), then used to initialise the tokenizer, vs from scratch.
-- `generation`  an autoregressive generator (`unitok.generator`) trained on the codes of the k = 1 and the k = 8
+- `generation`  an autoregressive generator (`unitok.generator.model`) trained on the codes of the k = 1 and the k = 8
                 tokenizer: held-out NLL and whether generated images show what the prompt asked for.
 
-Every run is an ordinary run folder (`unitok.train.Trainer`) under `OUT/runs/<hash>`, named by a hash of
+Every run is an ordinary run folder (`unitok.training.tokenizer_trainer.Trainer`) under `OUT/runs/<hash>`, named by a hash of
 everything that determines it (model and training config, seed, data, CLIP pre-training): a setting that two
 studies share (the default tokenizer is `k=8` in `codebooks`, `attn` in `projection`, `joint` in `supervision`,
 `scratch` in `init`) is trained once. When a run finishes, one JSON line is appended to `OUT/results.jsonl` (one
@@ -67,7 +67,7 @@ SCALE_FILE = "ablate.json"
 class Setting:
     """One arm of a study: a name and what it changes from the scale's base configuration.
 
-    overrides: `key=value` settings as `unitok.config.apply_overrides` takes them (model or train keys); a value
+    overrides: `key=value` settings as `unitok.tokenizer.config.apply_overrides` takes them (model or train keys); a value
         may be a callable base_model_config -> value (e.g. a codebook size that keeps k x K constant).
     clip_init: initialise the encoder and text tower from a continuous CLIP pre-trained on the same data.
     tokenizer: for generation studies, the tokenizer setting (of the `codebooks` study) whose codes are modelled.
@@ -124,8 +124,8 @@ ORDER = tuple(STUDIES)
 
 
 def _add_roadmap() -> None:
-    """The unified-model roadmap (`unitok.mllm_roadmap`): run by name, not part of "all" (5 tokenizers + 6 models)."""
-    from .mllm_roadmap import roadmap_study
+    """The unified-model roadmap (`unitok.studies.roadmap`): run by name, not part of "all" (5 tokenizers + 6 models)."""
+    from .roadmap import roadmap_study
 
     STUDIES["roadmap"] = roadmap_study(Study, Setting)
 
@@ -191,7 +191,7 @@ def _mean(values) -> float:
 
 
 def headline_metrics(results: dict) -> dict:
-    """The scalar metrics of one evaluation (`unitok.evaluate.evaluate_model`'s dict) that the studies compare.
+    """The scalar metrics of one evaluation (`unitok.evaluation.tokenizer.evaluate_model`'s dict) that the studies compare.
 
     Per-sub-codebook lists become means; `effective_bits` = sum over sub-codebooks of log2(perplexity): the entropy
     of a token's code tuple if sub-codebooks were independent, comparable across k (k = 1 with 2048 codes can carry
@@ -255,7 +255,7 @@ class Scale:
         return dataclasses.asdict(self)
 
     def base_preset(self):
-        from .config import apply_overrides, get_preset
+        from ..tokenizer.config import apply_overrides, get_preset
 
         base = [*self.overrides, f"train.steps={self.steps}", f"eval_images={self.eval_images}", "eval_every=0",
                 f"checkpoint_every={max(10, self.steps // 3)}", f"log_every={max(1, min(10, self.steps))}",
@@ -289,7 +289,7 @@ def _resolve(overrides: dict, model_config) -> dict:
 
 def tokenizer_spec(scale: Scale, setting: Setting, seed: int) -> dict:
     """The full spec of one tokenizer run: model and train config (dicts), data, CLIP pre-training."""
-    from .config import apply_overrides, to_dict
+    from ..tokenizer.config import apply_overrides, to_dict
 
     base = scale.base_preset()
     preset = apply_overrides(base, {**_resolve(setting.overrides, base.model), "train.seed": seed})
@@ -325,7 +325,7 @@ def plan(studies: Union[str, Sequence[str]], seeds: Union[int, Sequence[int]], s
             study = STUDIES[name]
             for setting in study.settings:
                 if study.kind == "mllm":
-                    from .mllm_roadmap import mllm_spec as spec_fn
+                    from .roadmap import mllm_spec as spec_fn
                 else:
                     spec_fn = generator_spec if study.kind == "generator" else tokenizer_spec
                 spec = spec_fn(scale, setting, seed)
@@ -417,7 +417,7 @@ def pretrain_clip(model_config, train_config, train_data, eval_data: Optional[di
     """Train a continuous CLIP (`ContinuousCLIP`) contrastively for `train_config.steps` steps on `train_data`.
 
     The optimiser, learning-rate schedule, batch size, data order, gradient clipping and contrastive terms (InfoNCE,
-    plus the hard-negative term when the config has one) are the tokenizer's (`unitok.train`, `unitok.losses`), so
+    plus the hard-negative term when the config has one) are the tokenizer's (`unitok.training.tokenizer_trainer`, `unitok.training.losses`), so
     the only difference from a contrastive-only tokenizer is that nothing is quantized.
     Returns {"state": weights of CLIP_PARTS, "seconds": training time, "zero_shot_top1"(+"_heldout"): the CLIP's own
     zero-shot accuracy on the evaluation sets when given}.
@@ -427,9 +427,9 @@ def pretrain_clip(model_config, train_config, train_data, eval_data: Optional[di
     from torch.utils.data._utils.collate import default_collate
     from tqdm.auto import tqdm
 
-    from .losses import hard_negative_loss
-    from .model import UniTok
-    from .train import StepBatchSampler, lr_at, seed_everything
+    from ..training.losses import hard_negative_loss
+    from ..tokenizer.model import UniTok
+    from ..training.tokenizer_trainer import StepBatchSampler, lr_at, seed_everything
 
     device = torch.device(device)
     seed_everything(train_config.seed)
@@ -477,7 +477,7 @@ def _clip_zero_shot(clip: ContinuousCLIP, eval_data: dict, batch_size: int, devi
     from torch.utils.data import DataLoader
     from torch.utils.data._utils.collate import default_collate
 
-    from .zero_shot import zero_shot_accuracy, zero_shot_classifier
+    from ..evaluation.zero_shot import zero_shot_accuracy, zero_shot_classifier
 
     out = {}
     clip.eval()
@@ -499,7 +499,7 @@ def _clip_zero_shot(clip: ContinuousCLIP, eval_data: dict, batch_size: int, devi
 # running one task
 # ---------------------------------------------------------------------------------------------------------------
 def _datasets(spec: dict, image_size: int):
-    from .data import build_datasets
+    from ..data.datasets import build_datasets
 
     return build_datasets({"name": spec["data"]["name"], "path": spec["data"].get("path"),
                            "eval_images": spec["data"]["eval_images"]}, image_size, spec["data"].get("seed", 0))
@@ -517,9 +517,9 @@ def _clip_weights(spec: dict, root: Path, model_config, train_config, train_data
     """The pre-trained CLIP for a clip-initialised tokenizer: trained once per (config, seed) into its own folder."""
     from safetensors.torch import load_file, save_file
 
-    from .checkpoint import atomic_write
-    from .config import apply_overrides, Preset
-    from .runs import atomic_write_text, claim_run_folder
+    from ..training.checkpoint import atomic_write
+    from ..tokenizer.config import apply_overrides, Preset
+    from ..training.runs import atomic_write_text, claim_run_folder
 
     steps = spec["clip_pretrain"]["steps"]
     pre_spec = {"kind": "clip", "model": spec["model"], "train": {**spec["train"], "steps": steps},
@@ -553,7 +553,7 @@ def run_task(task: Task, out: Union[str, Path], threads: Optional[int] = None, l
     done = _read_json(run_dir / "result.json")
     if done is None:
         if task.spec["kind"] == "mllm":
-            from .mllm_roadmap import run_mllm_task as runner
+            from .roadmap import run_mllm_task as runner
         else:
             runner = _run_generator if task.spec["kind"] == "generator" else _run_tokenizer
         done = runner(task, out, run_dir, log)
@@ -561,11 +561,11 @@ def run_task(task: Task, out: Union[str, Path], threads: Optional[int] = None, l
 
 
 def _run_tokenizer(task: Task, out: Path, run_dir: Path, log: Callable) -> dict:
-    from .config import ModelConfig, TrainConfig, from_dict
-    from .model import UniTok
-    from .runs import atomic_write_text
-    from .runtime import pick_device
-    from .train import Trainer, seed_everything
+    from ..tokenizer.config import ModelConfig, TrainConfig, from_dict
+    from ..tokenizer.model import UniTok
+    from ..training.runs import atomic_write_text
+    from ..training.machine import pick_device
+    from ..training.tokenizer_trainer import Trainer, seed_everything
 
     spec = task.spec
     model_config = from_dict(ModelConfig, spec["model"], "the study's model config")
@@ -614,13 +614,13 @@ def _run_generator(task: Task, out: Path, run_dir: Path, log: Callable) -> dict:
     held-out NLL (teacher-forced, bits per token position = all k sub-codes) and prompt accuracy of samples (how often
     an independent small CNN reads both the prompted colour and shape from a generated image)."""
     try:
-        from .generator_train import GeneratorTrainer, evaluate_samples, load_shape_classifier
+        from ..generator.trainer import GeneratorTrainer, evaluate_samples, load_shape_classifier
     except ImportError:
-        raise ValueError("the generation study needs the generator trainer (unitok.generator_train), which this "
+        raise ValueError("the generation study needs the generator trainer (unitok.generator.trainer), which this "
                          "installation does not have; run the other studies") from None
-    from .model import UniTok
-    from .runs import atomic_write_text
-    from .runtime import pick_device
+    from ..tokenizer.model import UniTok
+    from ..training.runs import atomic_write_text
+    from ..training.machine import pick_device
 
     spec = task.spec
     tok_dir = out / "runs" / spec["tokenizer_key"] / "best"
@@ -709,7 +709,7 @@ def load_results(path: Union[str, Path]) -> List[dict]:
 
 def _check_scale(out: Path, scale: Scale) -> None:
     """Refuse to mix two scales in one folder; record the scale on first use."""
-    from .runs import atomic_write_text
+    from ..training.runs import atomic_write_text
 
     path = out / SCALE_FILE
     saved = _read_json(path)
@@ -763,7 +763,7 @@ def run_ablation(studies: Union[str, Sequence[str]], seeds: Union[int, Sequence[
         jobs: runs trained at the same time, each in its own process with cpu_count // jobs threads (a GPU is
             used when there is one).
     """
-    from .runs import RunLock, check_writable
+    from ..training.runs import RunLock, check_writable
 
     names = parse_studies(studies)
     scale = dataclasses.replace(scale or Scale())
@@ -981,7 +981,7 @@ def plot_study(rows: List[dict], study: str, png: Optional[Union[str, Path]] = N
         except ImportError:
             print("note: plotly is not installed; no HTML plot written", file=sys.stderr)
         else:
-            from .runs import atomic_write_text
+            from ..training.runs import atomic_write_text
 
             atomic_write_text(html, figure.to_html(include_plotlyjs="cdn", full_html=True))
     return fig
@@ -1018,7 +1018,7 @@ def report(path: Union[str, Path], out_dir: Optional[Union[str, Path]] = None, p
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from .runs import atomic_write_text
+    from ..training.runs import atomic_write_text
 
     path = Path(path)
     records = load_results(path)
@@ -1046,7 +1046,7 @@ def report(path: Union[str, Path], out_dir: Optional[Union[str, Path]] = None, p
                 continue
             plt.close(fig)
         if any(r["study"] == "roadmap" for r in rows):   # and the paper-style figure: ours against the paper's
-            from .mllm_roadmap import plot_roadmap
+            from .roadmap import plot_roadmap
 
             plt.close(plot_roadmap(rows, png=out_dir / "roadmap.png"))
     return text
@@ -1065,7 +1065,7 @@ def _distinct_runs(records: List[dict]) -> List[dict]:
 # command line: `unitok ablate STUDY ...` and `unitok ablate report DIR`
 # ---------------------------------------------------------------------------------------------------------------
 def add_ablate_command(sub) -> None:
-    """Register `ablate` on the CLI's subparsers (see `unitok.cli`)."""
+    """Register `ablate` on the CLI's subparsers (see `unitok.cli.app`)."""
     a = sub.add_parser("ablate", help="re-run the paper's ablations with seeds; `ablate report DIR` summarises",
                        description="unitok ablate STUDY [--seeds 3] [--steps N] [--out runs/ablate] [--jobs J]\n"
                                    "unitok ablate report DIR\n\nstudies: " + ", ".join(ORDER)
@@ -1090,7 +1090,7 @@ def add_ablate_command(sub) -> None:
 
 
 def _ablate_command(args) -> int:
-    from .cli import Interrupted
+    from ..cli.app import Interrupted
 
     if args.study == "report":
         if not args.dir:

@@ -311,7 +311,7 @@ def adaptive_weight(nll: torch.Tensor, gan: torch.Tensor, last_layer: torch.Tens
 class AdversarialLoss:
     """Owns the discriminator and its optimizer; adds the GAN term to the generator's loss and steps D.
 
-    Used by `unitok.train.Trainer` when `model.gan_weight > 0`:
+    Used by `unitok.training.tokenizer_trainer.Trainer` when `model.gan_weight > 0`:
         terms = adv.generator_terms(terms, reconstruction, last_layer, step, total_steps)   # before backward
         metrics.update(adv.discriminator_step(images, reconstruction.detach(), step, total_steps))  # after opt.step
     """

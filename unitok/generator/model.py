@@ -46,8 +46,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
-from .checkpoint import atomic_write, load_state_dict_checked
-from .codes import check_codes as _check_code_values
+from ..training.checkpoint import atomic_write, load_state_dict_checked
+from ..tokenizer.codes import check_codes as _check_code_values
 
 CONDITIONS = ("text_tokens", "text", "class")
 HEADS = ("depth", "parallel")
@@ -77,7 +77,7 @@ class GeneratorConfig:
     # in code space a patch lies before it learns each of the K codes apart (see `CodeClassifier`)
     code_logits: str = "codebook"
     # image input: "embedding" (the reference's sum of k learned sub-code embeddings) or "codebook" (the Liquid way,
-    # as in unitok.mllm: codes -> the tokenizer's own unit-norm code vectors -> its post_quant_proj made causal ->
+    # as in unitok.mllm.model: codes -> the tokenizer's own unit-norm code vectors -> its post_quant_proj made causal ->
     # a small MLP), which hands the model the tokenizer's geometry of the codes instead of 2048 random rows
     image_input: str = "embedding"
     latent_dim: int = 32              # tokenizer latent (codebook mode)
@@ -401,7 +401,7 @@ class TokenGenerator(nn.Module):
         else:
             # a copy of the tokenizer's unit-norm codebooks (k, K, d) and of its post_quant_proj, made causal so a
             # position's input never sees later positions; both are filled from the tokenizer at construction
-            from .projection import build_projection
+            from ..tokenizer.projection import build_projection
 
             self.register_buffer("codebooks", torch.zeros(k, K, cfg.latent_dim // k))
             self.post_quant_proj = build_projection(cfg.projection, cfg.latent_dim, cfg.tokenizer_width, causal=True)
@@ -873,7 +873,7 @@ class TokenGenerator(nn.Module):
         """Keep the first `first_n` positions (row-major) of each code grid (B, H, W, k) and sample the rest.
         prompts / labels: one per grid (or one for all). Returns new codes (B, H, W, k). Codes of a real image
         should be of the kind the generator learned: a generator trained with `plain_codes="background"` (the
-        default) expects `unitok.generator_train.blank_plain_codes(tokenizer, images, tokenizer.encode(images))`."""
+        default) expects `unitok.generator.trainer.blank_plain_codes(tokenizer, images, tokenizer.encode(images))`."""
         self.check_codes(codes)
         out = codes.clone().long().to(self.device)
         cond = None
@@ -977,7 +977,7 @@ class TokenGenerator(nn.Module):
         """Load what `save_pretrained` wrote; without `tokenizer`, load the one its config.json points at."""
         from safetensors.torch import load_file
 
-        from .model import UniTok
+        from ..tokenizer.model import UniTok
 
         directory = Path(directory)
         for name in ("config.json", "model.safetensors"):

@@ -128,7 +128,7 @@ class MultiCodebookQuantizer(nn.Module):
         return z_q.reshape(*codes.shape[:-1], self.dim)
 
     def check_codes(self, codes: torch.Tensor) -> None:
-        """ValueError unless codes is an integer tensor (..., k) with values in [0, K) (see `unitok.codes`)."""
+        """ValueError unless codes is an integer tensor (..., k) with values in [0, K) (see `unitok.tokenizer.codes`)."""
         check_codes(codes, self.codebook_size, self.num_codebooks, allow_empty=True)
 
     @torch.no_grad()
@@ -149,7 +149,7 @@ class MultiCodebookQuantizer(nn.Module):
         return codes.t()
 
     def count_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (N, k) -> (k, K) int64 counts, without a host sync (see `unitok.codes.count_codes`)."""
+        """codes (N, k) -> (k, K) int64 counts, without a host sync (see `unitok.tokenizer.codes.count_codes`)."""
         return count_codes(codes, self.codebook_size)
 
     # ------------------------------------------------------------------ internals

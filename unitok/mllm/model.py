@@ -23,7 +23,7 @@ Pieces (docs/mllm.md):
     "continuous"  the tokenizer's pre-quantization features, input only: `continuous_source="latent"` sends the
                   per-chunk normalised latent through the same causal post_quant_proj + projector; "encoder" sends
                   the encoder's full-width tokens straight to the projector (the CLIP-style baseline);
-- image out: the generator's depth head (`unitok.generator`: a small causal transformer drawing the k sub-codes of
+- image out: the generator's depth head (`unitok.generator.model`: a small causal transformer drawing the k sub-codes of
   a position one after another, one shared classifier), with its sampling helpers (temperature, top-k, top-p,
   classifier-free guidance, seeded inverse-CDF draws);
 - the backbone is the generator's `CausalTransformer` with its `KVCache`.
@@ -58,10 +58,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from .checkpoint import atomic_write, load_state_dict_checked
-from .generator import (CODE_LOGITS, CausalTransformer, CodeClassifier, PositionStep, TokenGenerator, check_rerank,
+from ..training.checkpoint import atomic_write, load_state_dict_checked
+from ..generator.model import (CODE_LOGITS, CausalTransformer, CodeClassifier, PositionStep, TokenGenerator, check_rerank,
                         code_vectors, image_projector, keep_best_aligned, tokenizer_hash)
-from .projection import build_projection
+from ..tokenizer.projection import build_projection
 
 TASKS = ("t2i", "i2t", "vqa")
 IMAGE_INPUTS = ("codebook", "embedding", "continuous")
@@ -612,7 +612,7 @@ class UnifiedModel(nn.Module):
             image = image.flatten(1, 2)
         self._check_image_input(image)
         if not image.is_floating_point():
-            from .codes import check_codes
+            from ..tokenizer.codes import check_codes
             check_codes(image, self.config.codebook_size, self.config.num_codebooks)
         return image.to(self.device)
 
@@ -822,7 +822,7 @@ class UnifiedModel(nn.Module):
         """Load what `save_pretrained` wrote; without `tokenizer`, load the one its config.json points at."""
         from safetensors.torch import load_file
 
-        from .model import UniTok
+        from ..tokenizer.model import UniTok
 
         directory = Path(directory)
         for name in ("config.json", "text_tokenizer.json", "model.safetensors"):

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .runtime import CPU_BF16_CHOICES
+from ..training.machine import CPU_BF16_CHOICES
 
 
 @dataclass
@@ -65,14 +65,14 @@ class ModelConfig:
     # A hard negative per image: its own caption with the shape word swapped (datasets that provide
     # "negative_caption", e.g. shapes); the term is a 2-way softmax, caption vs. swapped caption. 0 = off.
     hard_negative_weight: float = 0.0
-    # the reference layout (unitok.vitamin): ViTamin encoder, convolutional decoder, the reference's projections
+    # the reference layout (unitok.tokenizer.vitamin): ViTamin encoder, convolutional decoder, the reference's projections
     decoder: str = "vit"              # "vit" (blocks + per-token pixel head) or "vitamin" (blocks + conv upsampling)
     conv_widths: tuple = ()           # ViTamin encoder (stem, stage 1, stage 2) widths; () = the named size's
     conv_depths: tuple = ()           # ViTamin encoder MbConv blocks per stage; () = (2, 4)
     decoder_conv_widths: tuple = ()   # ViTamin decoder (up_conv2, up_conv3) widths; () = the named size's
     decoder_conv_depths: tuple = ()   # ViTamin decoder blocks in up_conv2, up_conv3; () = (4, 2)
     fc_norm_eps: float = 1e-5         # the reference's image head uses 1e-6
-    # perceptual and adversarial terms (unitok.discriminator); 0 = off
+    # perceptual and adversarial terms (unitok.training.discriminator); 0 = off
     lpips_weight: float = 0.0         # LPIPS (VGG), needs images >= 48 px
     gan_weight: float = 0.0           # w_g: the GAN term, times the adaptive weight
     gan_start: float = 0.375          # fraction of training before the GAN (and the discriminator) starts
@@ -122,7 +122,7 @@ class ModelConfig:
     @classmethod
     def from_reference_args(cls, args: dict, state: dict | None = None, **overrides) -> "ModelConfig":
         """The config of a released-UniTok checkpoint from its `args` dict; depths and widths are read from the
-        state dict when given (so smaller variants load too). See `unitok.reference.config_from_reference`."""
+        state dict when given (so smaller variants load too). See `unitok.tokenizer.reference.config_from_reference`."""
         from .reference import config_from_reference
 
         return config_from_reference(args, state, **overrides)
@@ -232,7 +232,7 @@ PRESETS = {"tiny": _tiny, "small": _small, "base": _base, "paper": _paper}
 
 
 def _reference_layout_problems(cfg: "ModelConfig") -> list[str]:
-    """Checks of the reference-layout choices and the perceptual/adversarial settings (see unitok.vitamin)."""
+    """Checks of the reference-layout choices and the perceptual/adversarial settings (see unitok.tokenizer.vitamin)."""
     problems = []
     if cfg.decoder not in ("vit", "vitamin"):
         problems.append(f"decoder must be 'vit' or 'vitamin', got {cfg.decoder!r}")

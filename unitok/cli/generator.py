@@ -81,12 +81,12 @@ def add_generator_commands(sub) -> None:
 
 
 def _train_generator(args) -> int:
-    from .generator import GeneratorConfig
-    from .generator_train import (GeneratorTrainConfig, GeneratorTrainer, apply_generator_overrides,
+    from ..generator.model import GeneratorConfig
+    from ..generator.trainer import (GeneratorTrainConfig, GeneratorTrainer, apply_generator_overrides,
                                   evaluate_samples, extract_run_codes, load_shape_classifier)
-    from .generator import tokenizer_hash
-    from .model import UniTok
-    from .runs import holds_run, prepare_run_folder
+    from ..generator.model import tokenizer_hash
+    from ..tokenizer.model import UniTok
+    from ..training.runs import holds_run, prepare_run_folder
 
     out = Path(args.out)
     overrides = list(args.set or [])
@@ -153,8 +153,8 @@ def _train_generator(args) -> int:
 def _write_samples_png(generator, path: Path, sampling: dict) -> None:
     from PIL import Image
 
-    from .data import make_grid_image
-    from .runs import atomic_write
+    from ..data.datasets import make_grid_image
+    from ..training.runs import atomic_write
 
     prompts = ["a red circle", "a green square", "a blue star", "a yellow heart", "a purple triangle",
                "a white cross", "a cyan diamond", "a orange crescent"]
@@ -165,7 +165,7 @@ def _write_samples_png(generator, path: Path, sampling: dict) -> None:
 
 def load_generator(directory, device: str = "cpu"):
     """A generator folder (or a run folder: its best/, else final/) -> TokenGenerator with its tokenizer."""
-    from .generator import TokenGenerator
+    from ..generator.model import TokenGenerator
 
     directory = Path(directory)
     for candidate in (directory, directory / "best", directory / "final"):
@@ -183,8 +183,8 @@ def recommended_sampling(directory: Path) -> dict:
 def _generate(args) -> int:
     from PIL import Image
 
-    from .data import make_grid_image, to_uint8_image
-    from .runs import atomic_write
+    from ..data.datasets import make_grid_image, to_uint8_image
+    from ..training.runs import atomic_write
 
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npz"):
@@ -197,7 +197,7 @@ def _generate(args) -> int:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     _check_rerank_flag(args.rerank)
     if getattr(args, "mllm", None) is not None:   # a unified model draws through the same interface
-        from .mllm_cli import load_mllm_folder
+        from .mllm import load_mllm_folder
 
         if args.label is not None:
             raise ValueError("--class needs a class-conditional generator; a unified model takes --prompt")
@@ -242,8 +242,8 @@ def _check_rerank_flag(rerank: int) -> None:   # before any loading: the flag's 
 
 
 def _evaluate_generator(args) -> int:
-    from .generator_train import evaluate_samples, load_shape_classifier
-    from .runs import atomic_write_text
+    from ..generator.trainer import evaluate_samples, load_shape_classifier
+    from ..training.runs import atomic_write_text
 
     if args.num < 1:
         raise ValueError(f"--num must be >= 1 (samples per prompt), got {args.num}")
@@ -293,7 +293,7 @@ def export_generator(run, dest, overwrite: bool = True, sampling: Optional[dict]
     sampling: recommended settings that `unitok generate` will use for this folder; by default the ones the run's
     summary was measured with. The summary is copied unchanged, so its numbers keep saying which settings made them.
     """
-    from .runs import atomic_write_text, staged_folder
+    from ..training.runs import atomic_write_text, staged_folder
 
     run = Path(run)
     generator, folder = load_generator(run)
@@ -319,10 +319,10 @@ def export_generator(run, dest, overwrite: bool = True, sampling: Optional[dict]
     return dest
 
 
-if __name__ == "__main__":   # python -m unitok.generator_cli export RUN DEST (what `make generator` runs)
+if __name__ == "__main__":   # python -m unitok.cli.generator export RUN DEST (what `make generator` runs)
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m unitok.generator_cli")
+    ap = argparse.ArgumentParser(prog="python -m unitok.cli.generator")
     sub = ap.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="a train-generator run's best generator as a small fp16 folder")
     e.add_argument("run")
@@ -334,8 +334,8 @@ if __name__ == "__main__":   # python -m unitok.generator_cli export RUN DEST (w
                         "settings the run's summary was measured with)")
     e.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = ap.parse_args()
-    from .cli import run_reporting_errors
+    from .app import run_reporting_errors
 
     sys.exit(run_reporting_errors(
-        "python -m unitok.generator_cli export",
+        "python -m unitok.cli.generator export",
         lambda: export_generator(a.run, a.dest, overwrite=a.overwrite, sampling=parse_sampling(a.sampling)), a.debug))

@@ -4,7 +4,7 @@
     unitok train --preset tiny --data shapes --out runs/tiny   # the CPU recipe (docs/cpu_recipe.md)
     unitok train --preset tiny --data folder --data-path my_images/captions.csv --out runs/mine --set lr=1e-3
     unitok train --out runs/tiny --resume                 # continue a killed run exactly where it stopped
-    torchrun --nproc_per_node=2 -m unitok.cli train ...   # DDP (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node=2 -m unitok.cli.app train ...   # DDP (gloo on CPU, nccl on GPU)
     unitok eval runs/tiny                                 # re-evaluate the best checkpoint
     unitok export runs/tiny data/tiny-shapes              # the best weights as a small fp16 model folder
     unitok convert unitok_tokenizer.pth models/unitok     # the released UniTok as a model folder
@@ -40,7 +40,7 @@ def _resume_conflicts(saved: dict, args, overrides: list) -> list:
     overrides applied; any model field, or training field outside RESUMABLE_TRAIN_KEYS, that then differs from the
     saved run is a conflict.
     """
-    from .config import ModelConfig, TrainConfig, Preset, apply_overrides, from_dict, get_preset, to_dict
+    from ..tokenizer.config import ModelConfig, TrainConfig, Preset, apply_overrides, from_dict, get_preset, to_dict
 
     conflicts = []
     if args.data is not None and args.data != saved["data"].get("name"):
@@ -69,17 +69,17 @@ def _plain(value):
 
 
 def _saved_step(out: Path) -> int:
-    from .checkpoint import read_torch
+    from ..training.checkpoint import read_torch
 
     ckpt = out / "checkpoint.pt"
     return int(read_torch(ckpt, "the run's checkpoint")["step"]) if ckpt.exists() else 0
 
 
 def _train(args) -> int:
-    from .config import from_dict, ModelConfig, TrainConfig, Preset, get_preset, apply_overrides
-    from .runs import holds_run, prepare_run_folder
-    from .train import Trainer
-    from .data import build_datasets
+    from ..tokenizer.config import from_dict, ModelConfig, TrainConfig, Preset, get_preset, apply_overrides
+    from ..training.runs import holds_run, prepare_run_folder
+    from ..training.tokenizer_trainer import Trainer
+    from ..data.datasets import build_datasets
 
     out = Path(args.out)
     overrides = list(args.set or [])
@@ -144,7 +144,7 @@ def _interrupt_message(trainer, out: Path, command: str) -> str:
 def report_skipped(dataset, out: Path) -> None:
     """Say how many input files were skipped and why, and list them all in OUT/skipped.txt."""
     from collections import Counter
-    from .runs import atomic_write_text
+    from ..training.runs import atomic_write_text
 
     skipped = list(getattr(dataset, "skipped", None) or [])
     if not skipped:
@@ -166,11 +166,11 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def _eval(args) -> int:
-    from .model import UniTok
-    from .runs import RunLock, check_writable
-    from .data import build_datasets
-    from .evaluate import evaluate_model, make_summary, write_run_outputs
-    from .runtime import pick_device
+    from ..tokenizer.model import UniTok
+    from ..training.runs import RunLock, check_writable
+    from ..data.datasets import build_datasets
+    from ..evaluation.tokenizer import evaluate_model, make_summary, write_run_outputs
+    from ..training.machine import pick_device
 
     run = Path(args.run)
     if not (run / "config.json").exists():
@@ -199,8 +199,8 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
-    from .model import UniTok
-    from .runs import staged_folder
+    from ..tokenizer.model import UniTok
+    from ..training.runs import staged_folder
 
     run, dest = Path(args.run), Path(args.dest)
     src = run / "best" if (run / "best" / "model.safetensors").exists() else run
@@ -220,7 +220,7 @@ def _export(args) -> int:
 
 def _convert(args) -> int:
     """The released UniTok checkpoint (a .pth file or a hub repo id) -> config.json + model.safetensors."""
-    from .reference import convert
+    from ..tokenizer.reference import convert
 
     overrides = {"projection_causal": True} if args.causal else {}
     out = convert(args.reference, args.out_dir, overwrite=args.overwrite, **overrides)
@@ -232,8 +232,8 @@ def _convert(args) -> int:
 
 
 def _presets(args) -> int:
-    from .config import PRESETS, get_preset
-    from .model import UniTok
+    from ..tokenizer.config import PRESETS, get_preset
+    from ..tokenizer.model import UniTok
 
     for name in PRESETS:
         preset = get_preset(name)
@@ -259,8 +259,8 @@ def _print_summary(summary: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import PRESETS
-    from .data import DATASETS
+    from ..tokenizer.config import PRESETS
+    from ..data.datasets import DATASETS
 
     ap = argparse.ArgumentParser(prog="unitok", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -302,13 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the presets and their sizes")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(fn=_presets)
-    from .mllm_cli import add_mllm_commands   # train-mllm, caption, ask (the unified model)
+    from .mllm import add_mllm_commands   # train-mllm, caption, ask (the unified model)
 
     add_mllm_commands(sub)
-    from .generator_cli import add_generator_commands   # train-generator, generate
+    from .generator import add_generator_commands   # train-generator, generate
 
     add_generator_commands(sub)
-    from .ablate import add_ablate_command    # ablate STUDY / ablate report DIR
+    from ..studies.ablate import add_ablate_command    # ablate STUDY / ablate report DIR
 
     add_ablate_command(sub)
     return ap

@@ -7,7 +7,7 @@ multinomial logistic regression (scikit-learn) on a *training* split and report 
     >>> linear_probe(train_feats, train_labels, test_feats, test_labels)
     {'top1': 0.97, 'train_top1': 0.99, 'num_train': 2048, 'num_test': 1024, 'num_classes': 8}
 
-What `unitok.evaluate` probes: the up-projected *quantized* tokens (`post_quant_proj` of the codes' embeddings),
+What `unitok.evaluation.tokenizer` probes: the up-projected *quantized* tokens (`post_quant_proj` of the codes' embeddings),
 pooled over the grid as the model's image head pools them (`ModelConfig.image_pool`: the mean, as in the
 reference, or the max): the representation the decoder and the CLIP image head both read, before any
 text-alignment layer. The probe is fitted on single-object scenes of the shapes *training* split (the tokenizer's

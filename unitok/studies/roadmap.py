@@ -51,7 +51,7 @@ ROADMAP = {
 
 
 def roadmap_study(study_cls, setting_cls):
-    """The `roadmap` Study for `unitok.ablate` (its classes are passed in: this module must not import it first)."""
+    """The `roadmap` Study for `unitok.studies.ablate` (its classes are passed in: this module must not import it first)."""
     return study_cls(
         "roadmap", "Which tokenizer design choices help a unified model read pictures (the paper's roadmap)?",
         tuple(setting_cls(name, tok) for name, (tok, _, _) in ROADMAP.items()),
@@ -73,10 +73,10 @@ def mllm_spec(scale, setting, seed: int) -> dict:
 def run_mllm_task(task, out: Path, run_dir: Path, log: Callable) -> dict:
     """Train and measure the unified model of one roadmap cell on its (already trained) tokenizer."""
     from .ablate import REFERENCE_PEAK_GFLOPS, _machine, git_revision, matmul_peak
-    from .mllm_train import MLLMTrainer
-    from .model import UniTok
-    from .runs import atomic_write_text
-    from .runtime import pick_device
+    from ..mllm.trainer import MLLMTrainer
+    from ..tokenizer.model import UniTok
+    from ..training.runs import atomic_write_text
+    from ..training.machine import pick_device
 
     spec = task.spec
     tok_dir = out / "runs" / spec["tokenizer_key"] / "best"

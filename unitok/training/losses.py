@@ -3,7 +3,7 @@
     total = l1_weight * |x - x_hat|_1 + l2_weight * |x - x_hat|^2 + vq_weight * L_vq + clip_weight * L_clip
 
 (0.2, 1.0, 1.0, 1.0 in the reference; pixels in [-1, 1]). With lpips_weight > 0 the perceptual term
-lpips_weight * LPIPS-VGG(x_hat, x) joins (the full objective; the GAN term is `unitok.discriminator`). L_clip is
+lpips_weight * LPIPS-VGG(x_hat, x) joins (the full objective; the GAN term is `unitok.training.discriminator`). L_clip is
 open_clip's symmetric InfoNCE `ClipLoss`; under DDP it gathers features from every rank so the contrastive batch
 is the global batch. With hard_negative_weight > 0 and texts = B captions + B hard negatives (each image's
 caption with its shape swapped), clip_weight * hard_negative_weight * L_hn joins (`hard_negative_loss`).
@@ -15,8 +15,8 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .model import UniTokOutput
+from ..tokenizer.config import ModelConfig
+from ..tokenizer.model import UniTokOutput
 
 
 def hard_negative_loss(image: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
@@ -36,7 +36,7 @@ class UniTokLoss:
 
     def __init__(self, config: ModelConfig, rank: int = 0, world_size: int = 1, perceptual=None):
         """perceptual: the frozen LPIPS module for lpips_weight > 0; None builds it from the default weight file
-        (`unitok.discriminator.build_lpips`, a FileNotFoundError naming the file when it is missing)."""
+        (`unitok.training.discriminator.build_lpips`, a FileNotFoundError naming the file when it is missing)."""
         from open_clip import ClipLoss
 
         self.config = config

@@ -1,0 +1,6 @@
+"""`python -m unitok.cli ...` runs the `unitok` command."""
+import sys
+
+from .app import main
+
+sys.exit(main())

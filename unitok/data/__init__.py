@@ -1,0 +1,1 @@
+"""Data: the shapes renderer and every dataset."""

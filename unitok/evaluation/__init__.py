@@ -1,0 +1,1 @@
+"""Evaluation: every metric and judge."""

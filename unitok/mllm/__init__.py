@@ -1,0 +1,1 @@
+"""The miniature unified model: text tokenizer, sequence format, tasks, model, trainer."""

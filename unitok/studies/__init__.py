@@ -1,0 +1,1 @@
+"""Studies: ablations and the roadmap (plan, run, report)."""

@@ -1,0 +1,1 @@
+"""The training engine: run folders, checkpoints, the machine, the objective, the trainers."""
