@@ -23,12 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import matmul_peak  # noqa: E402  (the same peak measurement as the other benchmarks)
 
 import unitok  # noqa: E402,F401
-from unitok.generator.model import GeneratorConfig, TokenGenerator  # noqa: E402
+from unitok.generator.config import GeneratorConfig  # noqa: E402
+from unitok.generator.model import TokenGenerator  # noqa: E402
 from unitok.generator.trainer import GeneratorTrainConfig  # noqa: E402
 from unitok.tokenizer.model import UniTok  # noqa: E402
-from unitok.training.machine import training_autocast, uses_bf16  # noqa: E402
+from unitok.training.machine import REFERENCE_GFLOPS, training_autocast, uses_bf16  # noqa: E402
 
-REFERENCE_PEAK = 192e9   # GFLOP/s of the 2-core machine the README's times refer to
+REFERENCE_PEAK = REFERENCE_GFLOPS * 1e9   # FLOP/s of the 2-core machine the README's times refer to
 ROOT = Path(__file__).resolve().parents[1]
 
 

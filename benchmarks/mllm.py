@@ -23,13 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import matmul_peak  # noqa: E402  (the same peak measurement as the other benchmarks)
 
 import unitok  # noqa: E402,F401
-from unitok.mllm.model import MLLMConfig, SPECIALS, TextTokenizer, UnifiedModel  # noqa: E402
-from unitok.mllm.trainer import MODEL_PRESETS, canonical_caption, scene_record, text_corpus  # noqa: E402
-from unitok.data.datasets import ShapesDataset  # noqa: E402
+from unitok.mllm.config import MLLMConfig  # noqa: E402
+from unitok.mllm.model import UnifiedModel  # noqa: E402
+from unitok.mllm.sequence import SPECIALS  # noqa: E402
+from unitok.mllm.text import TextTokenizer  # noqa: E402
+from unitok.data.scene_text import canonical_caption, scene_record, text_corpus  # noqa: E402
+from unitok.mllm.trainer import MODEL_PRESETS  # noqa: E402
+from unitok.data.shapes_dataset import ShapesDataset  # noqa: E402
 from unitok.tokenizer.model import UniTok  # noqa: E402
-from unitok.training.machine import training_autocast  # noqa: E402
+from unitok.training.machine import REFERENCE_GFLOPS, training_autocast  # noqa: E402
 
-REFERENCE_PEAK = 192e9
+REFERENCE_PEAK = REFERENCE_GFLOPS * 1e9   # FLOP/s
 ROOT = Path(__file__).resolve().parents[1]
 
 

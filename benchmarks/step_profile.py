@@ -27,16 +27,16 @@ from unitok.tokenizer.config import get_preset
 from unitok.data.datasets import build_dataset
 from unitok.training.losses import UniTokLoss
 from unitok.tokenizer.model import UniTok
+from unitok.training import machine
 from unitok.training.machine import training_autocast
 
 REGIONS = ("data", "forward", "loss", "backward", "clip_grad", "optimizer")
-REFERENCE_PEAK = 192e9
+REFERENCE_PEAK = machine.REFERENCE_GFLOPS * 1e9   # FLOP/s
 
 
 def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    best = min(_timed(lambda: a @ b) for _ in range(repeats + 1))
-    return 2 * size ** 3 / best
+    """The CPU's fp32 matmul peak in FLOP/s, measured by `unitok.training.machine.matmul_peak`."""
+    return machine.matmul_peak(size=size, repeats=repeats) * 1e9
 
 
 def _timed(fn) -> float:

@@ -20,20 +20,14 @@ from torch.utils.flop_counter import FlopCounterMode
 import unitok
 from unitok.tokenizer.config import get_preset
 from unitok.training.losses import UniTokLoss
+from unitok.training import machine
 from unitok.training.machine import training_autocast
 
 
 def matmul_peak(device, size=2048, repeats=5) -> float:
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    times = []
-    for _ in range(repeats + 1):
-        _sync(device)
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * size ** 3 / min(times[1:])
+    """The fp32 matmul peak in FLOP/s (not GFLOP/s: this file's numbers are FLOP/s throughout), measured by the
+    library's `unitok.training.machine.matmul_peak` (best of `repeats` after a warm-up)."""
+    return machine.matmul_peak(size=size, repeats=repeats, device=device) * 1e9
 
 
 def _sync(device):

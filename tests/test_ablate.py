@@ -6,15 +6,19 @@ import math
 
 import pytest
 
-from unitok.studies import ablate
-from unitok.studies.ablate import (Scale, format_table, headline_metrics, load_results, plan, report, run_ablation,
-                           summarize)
+from unitok.studies import roadmap, train_task
+from unitok.studies.metrics import headline_metrics
+from unitok.studies.plan import plan
+from unitok.studies.report import format_table, report, summarize
+from unitok.studies.runner import load_results, run_ablation
+from unitok.studies.spec import Scale
 
 
 @pytest.fixture
 def fixed_peak(monkeypatch):
     """The matmul peak is measured before every run; a constant keeps the tests fast and the records comparable."""
-    monkeypatch.setattr(ablate, "matmul_peak", lambda *a, **k: 96.0)
+    for module in (train_task, roadmap):
+        monkeypatch.setattr(module, "matmul_peak", lambda *a, **k: 96.0)
 
 
 def _smoke(tmp_path, tiny_overrides, studies="projection", seeds=2, log=None, out=None):
@@ -181,7 +185,11 @@ def test_report_mean_and_std_on_a_hand_made_file(tmp_path):
     assert "| k=1 | 18.50 ± – (1) | – |" in text
     assert (tmp_path / "report.md").read_text() == text
     assert (tmp_path / "ablation_codebooks.png").stat().st_size > 1000
+    assert not (tmp_path / "ablation_codebooks.html").exists()       # the library draws PNGs only
     pytest.importorskip("plotly")
+    from unitok_widgets.studies import write_html_report              # the interactive pages are a widget's
+
+    assert [p.name for p in write_html_report(tmp_path)] == ["ablation_codebooks.html", "ablation_projection.html"]
     html = (tmp_path / "ablation_codebooks.html").read_text()
     assert "plotly" in html and "error_y" in html
 
@@ -211,13 +219,14 @@ def test_format_table_lists_only_metrics_present():
 def test_generation_study_smoke(tmp_path, tiny_overrides, fixed_peak, monkeypatch):
     """Two tokenizers (k = 1 and k = 8 of the codebooks study) are trained first, then a generator on each one's
     codes; the record holds the held-out NLL and the prompt accuracy of samples."""
-    from unitok.generator import trainer as generator_train
+    from unitok.evaluation import shape_classifier
+    from unitok.generator import codes as generator_codes
 
-    original = generator_train.load_shape_classifier
-    monkeypatch.setattr(generator_train, "load_shape_classifier",   # a quick measuring CNN, cached in tmp_path
+    original = shape_classifier.load_shape_classifier
+    monkeypatch.setattr(shape_classifier, "load_shape_classifier",   # a quick measuring CNN, cached in tmp_path
                         lambda image_size, **kw: original(image_size, cache_dir=tmp_path / "cache", steps=5,
                                                           progress=False))
-    monkeypatch.setattr(generator_train, "default_cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(generator_codes, "default_cache_dir", lambda: tmp_path / "cache")
     records = run_ablation("generation", seeds=1, steps=2, out=tmp_path / "gen", overrides=tiny_overrides,
                            fid="none", eval_images=16, device="cpu", log=lambda *_: None)
     assert sorted(r["setting"] for r in records) == ["k=1", "k=8"]

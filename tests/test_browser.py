@@ -295,7 +295,7 @@ def test_dashboard_steps_in_the_browser(browser, lab):
 LAYOUT_CELLS = [
     "from unitok_widgets import TokenGrid, ZeroShotPanel, notebook_setup\n"
     "from unitok import UniTok\n"
-    "from unitok.data.datasets import ShapesDataset\n"
+    "from unitok.data.shapes_dataset import ShapesDataset\n"
     "lab = notebook_setup(checkpoint=True)\n"
     "model = UniTok.from_pretrained(lab.checkpoint).eval()\n"
     "heldout = ShapesDataset(model.config.image_size, split='heldout', length=8)",

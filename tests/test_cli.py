@@ -11,7 +11,7 @@ import torch
 
 import unitok  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
 from unitok import cli
-from unitok.data.datasets import ShapesDataset
+from unitok.data.shapes_dataset import ShapesDataset
 
 pytestmark = pytest.mark.slow  # every test here starts interpreters (seconds each) or trains a small model
 

@@ -1,4 +1,4 @@
-"""Tests for unitok.data.datasets: procedural shapes, Fashion-MNIST, folder and webdataset sources, helpers. CPU, seconds."""
+"""Tests for unitok.data: procedural shapes, Fashion-MNIST, folder and webdataset sources, helpers. CPU, seconds."""
 import gzip
 import io
 import json
@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import unitok  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
-from unitok.data import datasets as data
-from unitok.data.datasets import (DATASETS, FashionMNIST, FolderDataset, ShapesDataset, WebDataset, build_dataset,
-                         make_grid_image, to_uint8_image)
+from unitok.data import files as data
+from unitok.data.datasets import DATASETS, build_dataset
+from unitok.data.files import FashionMNIST, FolderDataset, WebDataset
+from unitok.data.images import make_grid_image, to_uint8_image
+from unitok.data.shapes_dataset import ShapesDataset
 from PIL import Image
 
 # ---------------------------------------------------------------------------------------------------------------

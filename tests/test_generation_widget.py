@@ -15,7 +15,8 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
-from unitok.generator.model import GeneratorConfig, TokenGenerator  # noqa: E402
+from unitok.generator.config import GeneratorConfig  # noqa: E402
+from unitok.generator.model import TokenGenerator  # noqa: E402
 from unitok.tokenizer.model import UniTok  # noqa: E402
 from unitok_widgets import GenerationExplorer  # noqa: E402
 

@@ -12,11 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from unitok.data.datasets import ShapesDataset
-from unitok.generator.model import GeneratorConfig, TokenGenerator, keep_best_aligned, tokenizer_hash
-from unitok.generator.trainer import (GeneratorTrainConfig, GeneratorTrainer, apply_generator_overrides,
-                                    blank_plain_codes, code_neighbours, corrupt_codes, extract_codes,
-                                    mix_own_draws, pair_prompts, plain_colour_mask, self_feed_share)
+from unitok.data.shapes_dataset import ShapesDataset
+from unitok.generator.config import GeneratorConfig
+from unitok.generator.model import TokenGenerator
+from unitok.training.checkpoint import tokenizer_hash
+from unitok.transformer.sampling import guided_logits, keep_best_aligned
+from unitok.evaluation.generator_scores import pair_prompts
+from unitok.generator.codes import blank_plain_codes, extract_codes, plain_colour_mask
+from unitok.generator.noise import code_neighbours, corrupt_codes, mix_own_draws, self_feed_share
+from unitok.generator.trainer import GeneratorTrainConfig, GeneratorTrainer, apply_generator_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(width=32, depth=2, num_heads=2, depth_width=32, depth_layers=1, depth_heads=2)
@@ -105,7 +109,7 @@ def test_classifier_starts_at_zero_so_the_first_loss_is_ln_K(tokenizer):
 
 @pytest.mark.parametrize("head", ["depth", "parallel"])
 def test_codebook_logits_score_codes_by_their_direction_in_the_tokenizers_codebook(tokenizer, head):
-    from unitok.generator.model import CodeClassifier
+    from unitok.transformer.code_head import CodeClassifier
 
     cfg = GeneratorConfig.preset("tiny", tokenizer=tokenizer, head=head, **SMALL)
     assert cfg.code_logits == "codebook"
@@ -215,8 +219,8 @@ def test_sampling_is_deterministic_for_a_seed_and_varies_across_seeds(text_gen):
 
 def test_cfg_scale_one_is_the_conditional_model_and_zero_the_unconditional(text_gen):
     c, u = torch.randn(4, 256), torch.randn(4, 256)
-    assert torch.equal(TokenGenerator.guided_logits(c, u, 1.0), c)
-    assert torch.allclose(TokenGenerator.guided_logits(c, u, 3.0), u + 3 * (c - u))
+    assert torch.equal(guided_logits(c, u, 1.0), c)
+    assert torch.allclose(guided_logits(c, u, 3.0), u + 3 * (c - u))
     # scale 1 mixes in nothing: the conditional model's samples
     conditional = text_gen.generate(prompts="a red star", num=3, seed=4, cfg_scale=1.0)
     states = text_gen.text_states(["a red star"]).repeat(3, 1, 1)
@@ -337,7 +341,7 @@ def test_bad_inputs_raise_value_errors_naming_what_was_expected(text_gen):
     with pytest.raises(ValueError, match="head must be one of"):
         GeneratorConfig(head="wide")
     with pytest.raises(ValueError, match="unknown setting 'widht'"):
-        apply_generator_overrides(GeneratorConfig(), __import__("unitok.generator.trainer").generator_train
+        apply_generator_overrides(GeneratorConfig(), __import__("unitok.generator.trainer").generator.trainer
                                   .GeneratorTrainConfig(), ["widht=3"])
 
 
@@ -359,7 +363,7 @@ def _trainer(tokenizer, cache, out_dir=None, resume=False, steps=40, train_extra
     codes = extract_codes(tokenizer, "shapes", "train", 384, 0, cache_dir=cache, progress=False, digest=digest)
     test = extract_codes(tokenizer, "shapes", "test", 64, 0, cache_dir=cache, progress=False, digest=digest)
     gen = GeneratorConfig.preset("tiny", tokenizer=tokenizer, **{**SMALL, **extra})
-    gen, train = apply_generator_overrides(gen, __import__("unitok.generator.trainer").generator_train
+    gen, train = apply_generator_overrides(gen, __import__("unitok.generator.trainer").generator.trainer
                                            .GeneratorTrainConfig(), [f"steps={steps}", "batch_size=16",
                                                                     "eval_every=0", "checkpoint_every=0",
                                                                     "lr=3e-3", "warmup_fraction=0.1",
@@ -446,7 +450,7 @@ def test_code_cache_is_reused_and_keyed_by_the_tokenizer_hash(tokenizer, code_ca
     b = extract_codes(tokenizer, "shapes", "test", 64, 0, cache_dir=code_cache, progress=False, digest=digest)
     assert a.info["cache"] == b.info["cache"] and digest[:16] in a.info["cache"]
     assert torch.equal(a.codes, b.codes) and a.codes.shape == (64, 8, 8, 8)
-    fresh = tokenizer.encode(torch.stack([__import__("unitok.data.datasets").data.ShapesDataset(32, "test", length=64,
+    fresh = tokenizer.encode(torch.stack([__import__("unitok.data.shapes_dataset").data.shapes_dataset.ShapesDataset(32, "test", length=64,
                                                                                         max_objects=1)[i]["image"]
                                           for i in range(4)]))
     assert torch.equal(a.codes[:4].long(), fresh)
@@ -485,7 +489,7 @@ def test_code_noise_swaps_input_sub_codes_for_their_nearest_codes_and_keeps_the_
     near = (neighbours[book, codes] == noisy[..., None]).any(-1)         # each change is one of the 4 nearest
     assert near[changed].all()
     with pytest.raises(ValueError, match="code_noise must lie in"):
-        __import__("unitok.generator.trainer").generator_train.GeneratorTrainConfig(code_noise=1.0)
+        __import__("unitok.generator.trainer").generator.trainer.GeneratorTrainConfig(code_noise=1.0)
     with pytest.raises(ValueError, match="code_noise_neighbours must lie in"):
         code_neighbours(books, K)
 

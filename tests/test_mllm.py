@@ -6,10 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from unitok.mllm.model import SPECIALS, MLLMConfig, TextTokenizer, UnifiedModel
-from unitok.mllm.trainer import (MLLMTrainer, MLLMTrainConfig, QUESTION_TYPES, SceneSet, apply_mllm_overrides,
-                               canonical_caption, encode_scenes, eval_questions, make_question, parse_caption,
-                               text_corpus)
+from unitok.mllm.config import MLLMConfig
+from unitok.mllm.model import UnifiedModel
+from unitok.mllm.sequence import SPECIALS
+from unitok.mllm.text import TextTokenizer
+from unitok.data.scene_text import (QUESTION_TYPES, canonical_caption, eval_questions, make_question, parse_caption,
+                                    text_corpus)
+from unitok.mllm.tasks import SceneSet, encode_scenes
+from unitok.mllm.trainer import MLLMTrainer, MLLMTrainConfig, apply_mllm_overrides
 from unitok.tokenizer.model import UniTok
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -364,7 +368,8 @@ def test_notebook_10_runs_in_smoke_mode(subprocess_env):
 
 # ---------------------------------------------------------------------------------------------------- roadmap
 def test_roadmap_study_plans_six_arms_on_five_tokenizers():
-    from unitok.studies.ablate import Scale, parse_studies, plan
+    from unitok.studies.plan import parse_studies, plan
+    from unitok.studies.spec import Scale
     from unitok.studies.roadmap import ROADMAP
 
     assert "roadmap" not in parse_studies("all") and parse_studies("codebooks,roadmap") == ["codebooks", "roadmap"]
@@ -383,7 +388,7 @@ def test_roadmap_study_plans_six_arms_on_five_tokenizers():
 def test_roadmap_results_are_tabulated_and_drawn_next_to_the_papers_numbers(tmp_path):
     import matplotlib
     matplotlib.use("Agg")
-    from unitok.studies.ablate import format_table, summarize
+    from unitok.studies.report import format_table, summarize
     from unitok.studies.roadmap import ROADMAP, plot_roadmap
 
     records = [{"study": "roadmap", "setting": name, "seed": seed, "run": f"{name}-{seed}",
@@ -402,7 +407,9 @@ def test_roadmap_results_are_tabulated_and_drawn_next_to_the_papers_numbers(tmp_
 
 
 def test_model_steps_set_the_unified_models_training_but_not_the_tokenizers(tmp_path):
-    from unitok.studies.ablate import Scale, plan, run_ablation
+    from unitok.studies.plan import plan
+    from unitok.studies.runner import run_ablation
+    from unitok.studies.spec import Scale
 
     short, long = plan("roadmap", 1, Scale()), plan("roadmap", 1, Scale(generator_steps=800))
     assert [t.spec["steps"] for t in long] == [800] * 6 and [t.spec["steps"] for t in short] == [200] * 6

@@ -1,5 +1,5 @@
 """The released-checkpoint path: a reference-format file written here (random weights, reduced depth and widths)
-loads with `from_reference`, converts, and computes what the reference layout computes.
+loads with `load_reference`, converts, and computes what the reference layout computes.
 
 The file is assembled from the documented format (docs/reference_checkpoint.md): `args` + `trainer.unitok`, the
 k codebooks as separate `quantizer.codebooks.{i}.codebook.weight`, `vocab_usage` buffers, zero `zero_k_bias` and
@@ -79,7 +79,7 @@ def ref_file(original, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(ref_file):
-    return UniTok.from_reference(ref_file)
+    return R.load_reference(ref_file)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_to_reference_checkpoint_is_the_documented_format(original, ref_file):
 
 
 def test_causal_and_full_attention_differ(ref_file, loaded, images):
-    causal = UniTok.from_reference(ref_file, projection_causal=True)
+    causal = R.load_reference(ref_file, projection_causal=True)
     tokens = torch.randn(2, 16, W)
     changed = tokens.clone()
     changed[:, 1:] = torch.randn(2, 15, W)
@@ -291,37 +291,37 @@ def test_a_leftover_or_missing_key_is_an_error(original, tmp_path):
     blob = reference_blob(original)
     blob["trainer"]["unitok"]["decoder.extra.weight"] = torch.zeros(3)
     with pytest.raises(ValueError, match="unexpected: decoder.extra.weight"):
-        UniTok.from_reference(_write(tmp_path, blob))
+        R.load_reference(_write(tmp_path, blob))
     blob = reference_blob(original)
     del blob["trainer"]["unitok"]["decoder.up_conv4.norm1.bias"]
     with pytest.raises(ValueError, match="missing: decoder.up_conv4.norm1.bias"):
-        UniTok.from_reference(_write(tmp_path, blob))
+        R.load_reference(_write(tmp_path, blob))
 
 
 def test_dropped_buffers_are_checked(original, tmp_path):
     blob = reference_blob(original)
     blob["trainer"]["unitok"]["quant_proj.attn.zero_k_bias"] += 1
     with pytest.raises(ValueError, match="zero_k_bias: expected an all-zero buffer"):
-        UniTok.from_reference(_write(tmp_path, blob))
+        R.load_reference(_write(tmp_path, blob))
     blob = reference_blob(original)
     blob["trainer"]["unitok"]["quantizer.codebooks.1.vocab_usage"] = torch.zeros(7)
     with pytest.raises(ValueError, match=r"vocab_usage: expected a \(32,\) usage buffer"):
-        UniTok.from_reference(_write(tmp_path, blob))
+        R.load_reference(_write(tmp_path, blob))
     blob = reference_blob(original)
     del blob["trainer"]["unitok"]["quantizer.codebooks.2.codebook.weight"]
     with pytest.raises(ValueError, match="args and state dict disagree: num_codebooks|codebooks 0..3"):
-        UniTok.from_reference(_write(tmp_path, blob))
+        R.load_reference(_write(tmp_path, blob))
 
 
 def test_mismatched_shapes_are_clear_errors(original, tmp_path):
     blob = reference_blob(original)
     blob["args"]["vocab_width"] = 32  # the file's projections say 16
     with pytest.raises(ValueError, match="vocab_width: args say 32, the state dict has 16"):
-        UniTok.from_reference(_write(tmp_path, blob))
+        R.load_reference(_write(tmp_path, blob))
     blob = reference_blob(original)
     blob["trainer"]["unitok"]["decoder.blocks.0.mlp.w0.weight"] = torch.zeros(3 * W, W)
     with pytest.raises(ValueError, match=r"shape mismatch decoder.blocks.0.mlp.w0.weight: checkpoint \(384, 128\)"):
-        UniTok.from_reference(_write(tmp_path, blob))
+        R.load_reference(_write(tmp_path, blob))
 
 
 def test_bad_files_give_clear_errors(original, tmp_path):
@@ -330,25 +330,25 @@ def test_bad_files_give_clear_errors(original, tmp_path):
     blob = reference_blob(original)
     del blob["args"]
     with pytest.raises(ValueError, match="expected a dict with an 'args' dict"):
-        UniTok.from_reference(_write(tmp_path, blob))
+        R.load_reference(_write(tmp_path, blob))
     blob = reference_blob(original)
     blob["args"] = argparse.Namespace(model="vitamin_large")  # a pickled object: weights_only refuses it
     with pytest.raises(ValueError, match=r"cannot be read safely with torch.load\(weights_only=True\)"):
-        UniTok.from_reference(_write(tmp_path, blob))
+        R.load_reference(_write(tmp_path, blob))
     blob = reference_blob(original)
     blob["trainer"] = {"unitok": {"a": "not a tensor"}}
     with pytest.raises(ValueError, match=r"blob\['trainer'\]\['unitok'\] to be a state dict of tensors"):
-        UniTok.from_reference(_write(tmp_path, blob))
+        R.load_reference(_write(tmp_path, blob))
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"this is not a checkpoint")
     with pytest.raises(ValueError, match="is not a readable torch checkpoint"):
-        UniTok.from_reference(garbage)
+        R.load_reference(garbage)
     with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
-        UniTok.from_reference(tmp_path / "absent.pth")
+        R.load_reference(tmp_path / "absent.pth")
     blob = reference_blob(original)
     blob["args"]["model"] = "vitamin_huge"
     with pytest.raises(ValueError, match="model='vitamin_huge' is not supported"):
-        UniTok.from_reference(_write(tmp_path, blob))
+        R.load_reference(_write(tmp_path, blob))
 
 
 def test_hub_download_failure_says_where_to_put_the_file(monkeypatch):
@@ -359,7 +359,7 @@ def test_hub_download_failure_says_where_to_put_the_file(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(FileNotFoundError) as info:
-        UniTok.from_reference("FoundationVision/unitok_tokenizer")
+        R.load_reference("FoundationVision/unitok_tokenizer")
     message = str(info.value)
     assert "huggingface-cli download FoundationVision/unitok_tokenizer unitok_tokenizer.pth" in message
     assert "UNITOK_REFERENCE" in message and "ConnectionError" in message
@@ -376,11 +376,11 @@ def test_find_reference_looks_at_the_environment_variable(ref_file, monkeypatch,
     assert R.resolve_reference(ref_file.parent) == ref_file  # a folder holding the file
 
 
-def test_from_reference_args_without_a_state_dict_is_the_released_size():
-    cfg = ModelConfig.from_reference_args({"model": "vitamin_large", "img_size": 256, "vocab_size": 32768,
-                                           "vocab_width": 64, "num_codebooks": 8, "embed_dim": 768,
-                                           "text_width": 768, "text_heads": 12, "text_layers": 12,
-                                           "text_vocab_size": 49408, "text_context_length": 77})
+def test_config_from_reference_without_a_state_dict_is_the_released_size():
+    cfg = R.config_from_reference({"model": "vitamin_large", "img_size": 256, "vocab_size": 32768,
+                                   "vocab_width": 64, "num_codebooks": 8, "embed_dim": 768,
+                                   "text_width": 768, "text_heads": 12, "text_layers": 12,
+                                   "text_vocab_size": 49408, "text_context_length": 77})
     assert (cfg.width, cfg.encoder_depth, cfg.num_heads, cfg.codebook_size, cfg.grid_size) == (1024, 31, 16, 4096, 16)
     with torch.device("meta"):
         model = UniTok(cfg)

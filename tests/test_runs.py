@@ -208,7 +208,7 @@ def test_staged_folder_leaves_dest_untouched_on_error(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, expected", [
     (["--preset", "small"], "(from --preset small) (saved run: "),
-    (["--data", "fashion-mnist"], "--data fashion-mnist (saved run: shapes)"),
+    (["--data", "fashion-mnist"], "data.name='fashion-mnist' (saved run: 'shapes')"),
     (["--set", "num_codebooks=2"], "num_codebooks=2 (saved run: 4)"),
     (["--set", "lr=1e-3"], "train.lr=0.001 (saved run: 0.0005"),
     (["--set", "num_codebooks=2", "--data", "fashion-mnist"], "; "),   # every conflict, listed together
@@ -358,7 +358,7 @@ def _gray(mode: str, value01: float, size: int = 12) -> Image.Image:
 @pytest.mark.parametrize("mode", ["RGB", "L", "I;16", "I", "F", "CMYK", "LA", "P", "RGBA"])
 @pytest.mark.parametrize("value01", [0.25, 0.75])
 def test_every_pil_mode_loads_with_the_right_brightness(mode, value01):
-    from unitok.data.datasets import pil_to_tensor
+    from unitok.data.images import pil_to_tensor
 
     image = _gray(mode, value01)
     assert image.mode == mode

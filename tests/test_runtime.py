@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from unitok.tokenizer.codes import check_codes, count_codes
 from unitok.tokenizer.config import apply_overrides, get_preset
-from unitok.data.datasets import ShapesDataset
+from unitok.data.shapes_dataset import ShapesDataset
 from unitok.training.machine import eval_mode, model_device, model_lock, pick_device
 from unitok.training.tokenizer_trainer import Trainer
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from unitok import UniTok, get_preset
-from unitok.data.datasets import ShapesDataset
+from unitok.data.shapes_dataset import ShapesDataset
 from unitok.training.losses import UniTokLoss, hard_negative_loss
 from unitok.training.tokenizer_trainer import StepBatchSampler, Trainer
 

@@ -31,7 +31,7 @@ from unitok import UniTok, get_preset  # noqa: E402
 from unitok.evaluation import codebook_stats
 from unitok.evaluation import image_metrics
 from unitok.evaluation import zero_shot  # noqa: E402
-from unitok.data.datasets import ShapesDataset  # noqa: E402
+from unitok.data.shapes_dataset import ShapesDataset  # noqa: E402
 from unitok.training.tokenizer_trainer import Trainer  # noqa: E402
 from unitok_widgets import embeddings as embeddings_module  # noqa: E402
 

@@ -82,7 +82,7 @@ def to_uint8(image) -> np.ndarray:
     """(3, H, W) tensor in [-1, 1] (or an already-converted uint8 (H, W, 3) array) -> uint8 (H, W, 3)."""
     if isinstance(image, np.ndarray) and image.dtype == np.uint8:
         return image
-    from unitok.data.datasets import to_uint8_image
+    from unitok.data.images import to_uint8_image
 
     return to_uint8_image(image)
 

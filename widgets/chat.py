@@ -65,7 +65,7 @@ class UnifiedChat(View):
         cfg = model.config
         self.image_size = model.tokenizer.config.image_size
         if data is None:
-            from unitok.data.datasets import ShapesDataset
+            from unitok.data.shapes_dataset import ShapesDataset
             data = ShapesDataset(self.image_size, "test", length=num_images)
         self.images, self.captions, _ = take_items(data, num_images)
         self.answers: list = []
@@ -148,7 +148,7 @@ class UnifiedChat(View):
         """Any picture file's bytes (any size or mode): converted to RGB and resized to the tokenizer's size."""
         from PIL import Image, UnidentifiedImageError
 
-        from unitok.data.datasets import pil_to_tensor
+        from unitok.data.images import pil_to_tensor
 
         try:
             with Image.open(io.BytesIO(bytes(data))) as image:

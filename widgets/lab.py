@@ -164,20 +164,12 @@ def shrink_pngs(nb, colours: int = 256) -> int:
 
 
 def matmul_gflops(size: int = 1024, repeats: int = 3) -> float:
-    """fp32 matmul speed of this machine now (GFLOP/s, best of `repeats`): the yardstick printed next to every
-    measured run time, because the same machine can be several times slower on a busy day."""
-    import time
+    """fp32 matmul speed of this machine now (GFLOP/s, best of `repeats` after a warm-up): the yardstick printed next
+    to every measured run time, because the same machine can be several times slower on a busy day. The library's
+    measurement (`unitok.training.machine.matmul_peak`) at this file's smaller size, so old records stay comparable."""
+    from unitok.training.machine import matmul_peak
 
-    import torch
-
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e9
+    return matmul_peak(size=size, repeats=repeats)
 
 
 def execute_to_docs(path, out_dir, mode: str = "classroom", timeout: int = 3600) -> dict:

@@ -18,6 +18,9 @@ What it reads: `trainer.history` (one metrics dict per step), the "eval" callbac
 Cost: the step callback only checks a clock; figures are redrawn at most once per `redraw_every_s`, all traces in
 one `batch_update()` message, with long curves thinned to `max_points`. The time spent in that code and the time
 spent in `trainer.step()` are both measured, and their ratio is `ui_overhead()`.
+
+This file is the wiring (buttons, the worker thread, the trainer's callbacks, what is redrawn when); how the panels
+look, live (plotly) and static (matplotlib), is `unitok_widgets.training_figures`.
 """
 from __future__ import annotations
 
@@ -30,35 +33,20 @@ from typing import Optional
 import numpy as np
 
 import ipywidgets as W
-import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
-from ._common import (FIG_WIDTH, LOSS_COLOURS, codebook_colour, figure_layout, hbox, json_safe, model_lock,
-                      new_figure, title_html, View)
+from ._common import hbox, json_safe, model_lock, title_html, View
+from .training_figures import (LOSS_LABELS, LOSS_TERMS, UNDERSTANDING_LABELS, UNDERSTANDING_TRACES,
+                               build_training_figure, static_training_figure, thin)
 
-LOSS_TERMS = ("loss", "l1", "l2", "vq", "clip")       # "loss" is the weighted total the optimiser sees
-LOSS_LABELS = {"loss": "total", "l1": "L1", "l2": "L2 (MSE)", "vq": "VQ", "clip": "CLIP"}
-# evaluation results drawn over training in the understanding panel: (result name, colour, line dash)
-UNDERSTANDING_TRACES = (("zero_shot_top1", "#4e79a7", "solid"), ("zero_shot_top1_heldout", "#4e79a7", "dot"),
-                        ("linear_probe_top1", "#f28e2b", "solid"))
-UNDERSTANDING_LABELS = {"zero_shot_top1": "zero-shot", "zero_shot_top1_heldout": "zero-shot, held-out pairs",
-                        "linear_probe_top1": "linear probe"}
-
-
-def _thin(n: int, max_points: int) -> np.ndarray:
-    """Indices of at most ~max_points evenly spaced rows out of n, always keeping the last one."""
-    if n <= max_points:
-        return np.arange(n)
-    idx = np.arange(0, n, math.ceil(n / max_points))
-    return idx if idx[-1] == n - 1 else np.append(idx, n - 1)
+__all__ = ["TrainingDashboard", "LOSS_TERMS", "LOSS_LABELS", "UNDERSTANDING_TRACES", "UNDERSTANDING_LABELS"]
 
 
 class TrainingDashboard(View):
     """Live training curves and codebook health for a Trainer, with Run / Pause / Step / Evaluate buttons.
 
     Args:
-        trainer: a `unitok.training.tokenizer_trainer.Trainer` (anything with `step()`, `history`, `add_callback`, `model_config`,
-            `config`, `step_count` works).
+        trainer: a `unitok.training.tokenizer_trainer.Trainer` (anything with `step()`, `history`, `add_callback`,
+            `model_config`, `config`, `step_count` works).
         redraw_every_s: at most one redraw per this many seconds while training.
         steps: initial value of the steps box (how many steps Run performs).
         max_points: curves longer than this are thinned for display (the history itself is untouched).
@@ -166,61 +154,13 @@ class TrainingDashboard(View):
         when = f"measured every {every} steps and after each Step/Run" if every else "measured after each Step/Run"
         return f"codes used per sub-codebook (share of K = {self.codebook_size}, {window}; {when})"
 
-    def _build_figure(self) -> go.FigureWidget:
-        fig = make_subplots(
-            rows=3, cols=2, specs=[[{}, {}], [{"secondary_y": True}, {}], [{"colspan": 2}, None]],
-            subplot_titles=("loss terms (log)", "PSNR (dB)", "understanding at each eval (%) · lr (right)",
-                            "dead codes per sub-codebook",
-                            self._usage_title()),
-            vertical_spacing=0.11, horizontal_spacing=0.09, row_heights=[0.37, 0.33, 0.30])
-        for name in LOSS_TERMS:
-            fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name=LOSS_LABELS[name], marker=dict(size=5),
-                                     line=dict(color=LOSS_COLOURS[name], width=2 if name == "loss" else 1.3)),
-                          row=1, col=1)
-        fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name="batch PSNR", marker=dict(size=5),
-                                 line=dict(color="#b07aa1", width=1), legendgroup="psnr"), row=1, col=2)
-        fig.add_trace(go.Scatter(x=[], y=[], mode="markers+lines", name="eval PSNR",
-                                 marker=dict(color="#e15759", size=8, symbol="diamond"),
-                                 line=dict(color="#e15759", dash="dot")), row=1, col=2)
-        fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name="lr", line=dict(color="#9c755f", width=1),
-                                 marker=dict(size=5), showlegend=False, opacity=0.6), row=2, col=1, secondary_y=True)
-        for i in range(self.num_codebooks):
-            fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name=str(i), legend="legend2",
-                                     marker=dict(size=5),
-                                     line=dict(color=codebook_colour(i), width=1.3),
-                                     hovertemplate=f"sub-codebook {i}<br>step %{{x}}<br>dead %{{y}}<extra></extra>"),
-                          row=2, col=2)
-        fig.add_trace(go.Heatmap(
-            x=[], y=list(range(self.num_codebooks)), z=[[None]] * self.num_codebooks, zmin=0, zmax=1,
-            colorscale="Viridis", colorbar=dict(title=dict(text="used", side="right"), len=0.28, y=0.13,
-                                                tickformat=".0%"),
-            hovertemplate="step %{x}<br>sub-codebook %{y}<br>used %{z:.1%}<extra></extra>"), row=3, col=1)
-        # Understanding over training, one point per evaluation (added last so the traces above keep their index).
-        for name, colour, dash in UNDERSTANDING_TRACES:
-            fig.add_trace(go.Scatter(x=[], y=[], mode="markers+lines", name=UNDERSTANDING_LABELS[name],
-                                     marker=dict(color=colour, size=7), line=dict(color=colour, dash=dash)),
-                          row=2, col=1)
-        fig.update_yaxes(type="log", row=1, col=1)
-        fig.update_yaxes(range=[0, 100], row=2, col=1, secondary_y=False)
-        fig.update_yaxes(exponentformat="e", showgrid=False, row=2, col=1, secondary_y=True)
-        fig.update_yaxes(title_text="sub-codebook", dtick=1, autorange="reversed", row=3, col=1)
-        fig.update_xaxes(title_text="step", row=3, col=1)
-        # one legend row above the grid (inside, it would hide the top of the loss curves)
-        fig.update_layout(**figure_layout(width=FIG_WIDTH, height=800, margin=dict(l=60, r=95, t=80, b=45),
-                                          legend=dict(orientation="h", yanchor="bottom", y=1.045, x=0,
-                                                      xanchor="left", font=dict(size=11)),
-                                          # the dead-code lines get their own legend, beside their panel
-                                          legend2=dict(title=dict(text="sub-<br>codebook"), x=1.01, xanchor="left",
-                                                       y=0.52, yanchor="middle", font=dict(size=11))))
-        fw = go.FigureWidget(fig)
-        k = self.num_codebooks
-        self.loss_traces = {name: fw.data[i] for i, name in enumerate(LOSS_TERMS)}
-        self.psnr_trace, self.eval_trace, self.lr_trace = fw.data[5], fw.data[6], fw.data[7]
-        self.dead_traces = list(fw.data[8:8 + k])
-        self.usage_heatmap = fw.data[8 + k]
-        self.understanding_traces = {name: fw.data[9 + k + i] for i, (name, _, _) in enumerate(UNDERSTANDING_TRACES)}
-        # Curves start with markers (a single point drawn as a line is invisible); long curves drop them.
-        self._marked = [*self.loss_traces.values(), self.psnr_trace, self.lr_trace, *self.dead_traces]
+    def _build_figure(self):
+        """The plotly FigureWidget (`unitok_widgets.training_figures`), its traces kept by role for the redraws."""
+        fw, traces = build_training_figure(self.num_codebooks, self._usage_title())
+        self.loss_traces, self.understanding_traces = traces["loss_traces"], traces["understanding_traces"]
+        self.psnr_trace, self.eval_trace, self.lr_trace = traces["psnr_trace"], traces["eval_trace"], traces["lr_trace"]
+        self.dead_traces, self.usage_heatmap = traces["dead_traces"], traces["usage_heatmap"]
+        self._marked = traces["marked"]
         return fw
 
     # ------------------------------------------------------------------ trainer callbacks (cheap)
@@ -301,10 +241,10 @@ class TrainingDashboard(View):
             self._draw_status()
 
     def _draw_figure(self) -> None:
-        keep = _thin(len(self._cols["step"]), self.max_points)
+        keep = thin(len(self._cols["step"]), self.max_points)
         steps = np.asarray(self._cols["step"], dtype=np.int64)[keep]
         col = {name: np.asarray(values, dtype=np.float64)[keep] for name, values in self._cols.items()}
-        log_keep = _thin(len(self._log_steps), max(50, self.max_points // 5))
+        log_keep = thin(len(self._log_steps), max(50, self.max_points // 5))
         log_steps = np.asarray(self._log_steps, dtype=np.int64)[log_keep]
         usage = np.asarray(self._usage, dtype=np.float64).reshape(-1, self.num_codebooks)[log_keep].T  # (k, L)
         dead = np.asarray(self._dead, dtype=np.float64).reshape(-1, self.num_codebooks)[log_keep].T
@@ -520,57 +460,6 @@ class TrainingDashboard(View):
             evals = [(r["step"], r["psnr"]) for r in self._evals if "psnr" in r]
             understanding = {name: [(r["step"], 100 * r[name]) for r in self._evals if r.get(name) is not None]
                              for name, _, _ in UNDERSTANDING_TRACES}
-        fig = new_figure(11, 8.5)
-        grid = fig.add_gridspec(3, 2, height_ratios=[1.1, 1, 0.9], hspace=0.55, wspace=0.22)
-        ax = fig.add_subplot(grid[0, 0])
-        for name in LOSS_TERMS:
-            if len(c["step"]) and np.isfinite(c[name]).any():
-                ax.plot(c["step"], c[name], label=LOSS_LABELS[name], color=LOSS_COLOURS[name],
-                        lw=1.8 if name == "loss" else 1.1, marker="o" if len(c["step"]) <= 60 else None, ms=3)
-        ax.set_yscale("log")
-        ax.set_title("loss terms", fontsize=10)
-        ax.legend(fontsize=8, ncol=3)
-        ax = fig.add_subplot(grid[0, 1])
-        ax.plot(c["step"], c["psnr_batch"], color="#b07aa1", lw=1, label="batch",
-                marker="o" if len(c["step"]) <= 60 else None, ms=3)
-        if evals:
-            ax.plot(*zip(*evals), "D:", color="#e15759", label="eval")
-        ax.set_title("PSNR (dB)", fontsize=10)
-        ax.legend(fontsize=8)
-        ax = fig.add_subplot(grid[1, 0])
-        for name, colour, dash in UNDERSTANDING_TRACES:
-            if understanding[name]:
-                ax.plot(*zip(*understanding[name]), "o" + (":" if dash == "dot" else "-"), color=colour,
-                        label=UNDERSTANDING_LABELS[name])
-        ax.set_ylim(0, 100)
-        if any(understanding.values()):
-            ax.legend(fontsize=7, loc="lower right")
-        ax.twinx().plot(c["step"], c["lr"], color="#9c755f", lw=1, alpha=0.6)
-        ax.set_title("understanding at each eval (%) · lr (right)", fontsize=10)
-        ax = fig.add_subplot(grid[1, 1])
-        for i in range(len(dead)):
-            ax.plot(log_steps, dead[i], color=codebook_colour(i), lw=1.1, label=str(i))
-        ax.set_title("dead codes per sub-codebook", fontsize=10)
-        if len(dead):
-            ax.legend(fontsize=7, title="sub-\ncodebook", title_fontsize=7, loc="upper left",
-                      bbox_to_anchor=(1.0, 1.0), frameon=False)
-        ax = fig.add_subplot(grid[2, :])
-        if usage.size:
-            # one cell per logged step, its edges half-way to the neighbouring logged steps
-            x = log_steps.astype(np.float64)
-            mids = (x[1:] + x[:-1]) / 2
-            gap = (x[1] - x[0]) / 2 if len(x) > 1 else 0.5
-            edges = np.concatenate([[x[0] - gap], mids, [x[-1] + gap]])
-            mesh = ax.pcolormesh(edges, np.arange(self.num_codebooks + 1) - 0.5, usage, vmin=0, vmax=1,
-                                 cmap="viridis", shading="flat")
-            ax.set_ylim(self.num_codebooks - 0.5, -0.5)
-            fig.colorbar(mesh, ax=ax, label="share of codes used", pad=0.01)
-        ax.set_xlabel("step")
-        ax.set_ylabel("sub-codebook")
-        window = f" over the last {self._window_tokens:,} training tokens" if self._window_tokens else ""
-        ax.set_title(f"codes used per sub-codebook (K = {self.codebook_size}){window}", fontsize=10)
-        for a in fig.axes[:4]:
-            a.set_xlabel("step", fontsize=9)
-            a.tick_params(labelsize=8)
-        fig.suptitle(f"Training — step {self.trainer.step_count}", fontsize=12)
-        return fig
+        return static_training_figure(c, log_steps, usage, dead, evals, understanding,
+                                      num_codebooks=self.num_codebooks, codebook_size=self.codebook_size,
+                                      window_tokens=self._window_tokens, step_count=self.trainer.step_count)

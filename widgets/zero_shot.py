@@ -251,7 +251,7 @@ class ZeroShotPanel(View):
 
         from PIL import Image
 
-        from unitok.data.datasets import pil_to_tensor
+        from unitok.data.images import pil_to_tensor
 
         if not self.upload.value:
             return

@@ -1,15 +1,19 @@
-"""Command line for the generator: `unitok train-generator` and `unitok generate`.
+"""Command line for the generator: `unitok train-generator`, `unitok generate`, `unitok evaluate-generator`, and
+`python -m unitok.cli.generator export` (a run's best generator as a small folder; what `make generator` runs).
 
     unitok train-generator --tokenizer data/tiny-shapes --data shapes --out runs/gen [--steps N] [--set key=value]
     unitok train-generator --tokenizer data/tiny-shapes --out runs/gen --resume     # continue a killed run
     unitok generate --prompt "a red star" --num 16 --seed 0 --out stars.png         # the bundled generator
     unitok generate --generator runs/gen/best --class 3 --num 8 --out x.npz         # images (N,H,W,3), codes
+    unitok evaluate-generator --generator runs/gen --num 8                          # prompt accuracy, diversity
+    python -m unitok.cli.generator export runs/gen data/my-generator                # fp16 folder for `generate`
 
 `train-generator` writes the run folder: config.json, metrics.jsonl, eval.jsonl, checkpoint.pt, best/ (lowest
 held-out NLL), final/, samples.png and summary.json (held-out NLL, prompt accuracy, diversity, proxy FID, code use).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -18,20 +22,23 @@ from typing import Optional
 import numpy as np
 import torch
 
-BUNDLED_GENERATOR = Path(__file__).resolve().parent.parent / "data" / "tiny-generator"
-BUNDLED_TOKENIZER = Path(__file__).resolve().parent.parent / "data" / "tiny-shapes"
+from ..data.bundled import BUNDLED_GENERATOR, BUNDLED_TOKENIZER
+from ..transformer.sampling import check_sampling
+from .common import Interrupted, interrupt_message, load_mllm_folder, run_reporting_errors
+
 # sampling settings used when a generator folder does not recommend its own
 DEFAULT_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_scale": 3.0}
 
 
 def add_generator_commands(sub) -> None:
-    """Register `train-generator` and `generate` on the `unitok` subcommand parser."""
+    """Register `train-generator`, `generate` and `evaluate-generator` on the `unitok` subcommand parser."""
     t = sub.add_parser("train-generator", help="train an autoregressive generator on a frozen tokenizer's codes")
     t.add_argument("--tokenizer", default=str(BUNDLED_TOKENIZER),
                    help="tokenizer model folder (default: the bundled data/tiny-shapes)")
     t.add_argument("--data", default="shapes", help="dataset whose images are tokenized (default: shapes)")
     t.add_argument("--out", required=True, help="run folder")
-    t.add_argument("--preset", default="tiny", choices=["tiny", "base"], help="generator size (default: tiny)")
+    t.add_argument("--preset", choices=["tiny", "base"],
+                   help="generator size (default: tiny; on --resume, the saved run's)")
     t.add_argument("--steps", type=int, help="total training steps (default: the preset's)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a generator or training field, e.g. --set head=parallel --set lr=5e-4")
@@ -81,12 +88,11 @@ def add_generator_commands(sub) -> None:
 
 
 def _train_generator(args) -> int:
-    from ..generator.model import GeneratorConfig
-    from ..generator.trainer import (GeneratorTrainConfig, GeneratorTrainer, apply_generator_overrides,
-                                  evaluate_samples, extract_run_codes, load_shape_classifier)
-    from ..generator.model import tokenizer_hash
+    from ..generator.codes import extract_run_codes
+    from ..generator.trainer import GeneratorTrainer, generator_configs
     from ..tokenizer.model import UniTok
-    from ..training.runs import holds_run, prepare_run_folder
+    from ..training.checkpoint import tokenizer_hash
+    from ..training.resume import decide_run
 
     out = Path(args.out)
     overrides = list(args.set or [])
@@ -95,39 +101,32 @@ def _train_generator(args) -> int:
     if args.data != "shapes":
         raise ValueError(f"--data {args.data!r}: the generator's prompts and metrics are defined for 'shapes'")
     tokenizer = UniTok.from_pretrained(args.tokenizer)
-    resuming = args.resume and holds_run(out)
-    if resuming:
-        saved = json.loads((out / "config.json").read_text())
-        gen, train = apply_generator_overrides(GeneratorConfig.from_saved(saved["generator"]),
-                                               GeneratorTrainConfig.from_saved(saved["train"]), overrides)
-        digest = tokenizer_hash(tokenizer)
-        if saved.get("data", {}).get("tokenizer_sha256") not in (None, digest):
-            raise ValueError(f"--tokenizer {args.tokenizer} is not the tokenizer the run in {out} was trained on "
-                             f"(weight hash differs); resume with the same tokenizer or start a new run")
-        codes, evals = extract_run_codes(tokenizer, "shapes", train, digest)
-        trainer = GeneratorTrainer(gen, train, tokenizer, codes, evals, out_dir=out, resume=True,
-                                   tokenizer_path=args.tokenizer, data_spec=saved.get("data"))
-    else:
-        if args.resume:
-            print(f"note: {out} has no run to resume; starting a new one", file=sys.stderr)
-        # refuse (or move aside) a run already there before the expensive code extraction
-        prepare_run_folder(out, resume=False, overwrite=args.overwrite, command="unitok train-generator")
-        trainer = GeneratorTrainer.from_tokenizer(tokenizer, args.tokenizer, "shapes", args.preset, overrides,
-                                                  out_dir=out, overwrite=args.overwrite)
-    if trainer.step_count >= trainer.config.steps and resuming:
-        print(f"{out} has already trained {trainer.step_count} steps; nothing to do")
-        trainer.close()
+    digest = tokenizer_hash(tokenizer)
+
+    def requested(saved: dict) -> dict:   # what this command line asks of the run it resumes
+        gen, train = generator_configs(tokenizer, "shapes", args.preset, overrides, saved=saved)
+        return {"generator": dataclasses.asdict(gen), "train": dataclasses.asdict(train),
+                "data": {"name": "shapes", "tokenizer_sha256": digest}}
+
+    # decided before the expensive code extraction, and before any file is opened for writing
+    plan = decide_run(out, resume=args.resume, overwrite=args.overwrite, command="unitok train-generator",
+                      requested=requested, note=f" (from --preset {args.preset})" if args.preset else "")
+    if plan.nothing_to_do:
+        print(plan.message)
         return 0
+    gen, train = generator_configs(tokenizer, "shapes", None if plan.resuming else args.preset, overrides,
+                                   saved=plan.saved)
+    codes, evals = extract_run_codes(tokenizer, "shapes", train, digest)
+    trainer = GeneratorTrainer(gen, train, tokenizer, codes, evals, out_dir=out, resume=plan.resuming,
+                               tokenizer_path=args.tokenizer, data_spec={"name": "shapes", "tokenizer_sha256": digest})
     print(f"training a {trainer.gen_config.head}-head generator ({trainer.generator.num_parameters() / 1e6:.2f} M "
           f"params, condition {trainer.gen_config.condition}) on {len(trainer.train_codes)} tokenized images for "
           f"{trainer.config.steps} steps on {trainer.device} (starting at step {trainer.step_count}) -> {out}")
     try:
         trainer.run()
     except KeyboardInterrupt:
-        trainer.save_checkpoint()
-        trainer.close()
-        raise SystemExit(f"interrupted at step {trainer.step_count}; checkpoint saved in {out}. Continue with: "
-                         f"unitok train-generator --tokenizer {args.tokenizer} --out {out} --resume")
+        raise Interrupted(interrupt_message(
+            trainer, f"unitok train-generator --tokenizer {args.tokenizer} --out {out} --resume")) from None
     trainer.save_checkpoint()
     if not trainer.eval_history or trainer.eval_history[-1]["step"] != trainer.step_count:
         trainer.evaluate()
@@ -153,7 +152,7 @@ def _train_generator(args) -> int:
 def _write_samples_png(generator, path: Path, sampling: dict) -> None:
     from PIL import Image
 
-    from ..data.datasets import make_grid_image
+    from ..data.images import make_grid_image
     from ..training.runs import atomic_write
 
     prompts = ["a red circle", "a green square", "a blue star", "a yellow heart", "a purple triangle",
@@ -183,7 +182,7 @@ def recommended_sampling(directory: Path) -> dict:
 def _generate(args) -> int:
     from PIL import Image
 
-    from ..data.datasets import make_grid_image, to_uint8_image
+    from ..data.images import make_grid_image, to_uint8_image
     from ..training.runs import atomic_write
 
     out = Path(args.out)
@@ -197,8 +196,6 @@ def _generate(args) -> int:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     _check_rerank_flag(args.rerank)
     if getattr(args, "mllm", None) is not None:   # a unified model draws through the same interface
-        from .mllm import load_mllm_folder
-
         if args.label is not None:
             raise ValueError("--class needs a class-conditional generator; a unified model takes --prompt")
         generator, folder = load_mllm_folder(args.mllm or None, args.device)
@@ -242,7 +239,8 @@ def _check_rerank_flag(rerank: int) -> None:   # before any loading: the flag's 
 
 
 def _evaluate_generator(args) -> int:
-    from ..generator.trainer import evaluate_samples, load_shape_classifier
+    from ..evaluation.generator_scores import evaluate_samples
+    from ..evaluation.shape_classifier import load_shape_classifier
     from ..training.runs import atomic_write_text
 
     if args.num < 1:
@@ -254,7 +252,7 @@ def _evaluate_generator(args) -> int:
         raise ValueError(f"--out must end in .json, got {Path(args.out).name!r}")
     generator, folder = load_generator(args.generator, args.device)
     sampling = {**recommended_sampling(folder), **parse_sampling(args.sampling)}
-    generator._check_sampling(**sampling)
+    check_sampling(**sampling)
     classifier = load_shape_classifier(generator.tokenizer.config.image_size, steps=args.classifier_steps)
     with torch.no_grad():
         metrics = evaluate_samples(generator, num=args.num, seed=args.seed, classifier=classifier,
@@ -302,7 +300,7 @@ def export_generator(run, dest, overwrite: bool = True, sampling: Optional[dict]
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     recommended = {k: v for k, v in summary.get("sampling", DEFAULT_SAMPLING).items() if k in DEFAULT_SAMPLING}
     recommended.update(sampling or {})
-    generator._check_sampling(**{**DEFAULT_SAMPLING, **recommended})
+    check_sampling(**{**DEFAULT_SAMPLING, **recommended})
     dest = Path(dest)
     with staged_folder(dest, overwrite=overwrite) as tmp:
         generator.save_pretrained(tmp, tokenizer_path=tokenizer_dir, dtype=torch.float16,
@@ -334,8 +332,6 @@ if __name__ == "__main__":   # python -m unitok.cli.generator export RUN DEST (w
                         "settings the run's summary was measured with)")
     e.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = ap.parse_args()
-    from .app import run_reporting_errors
-
     sys.exit(run_reporting_errors(
         "python -m unitok.cli.generator export",
         lambda: export_generator(a.run, a.dest, overwrite=a.overwrite, sampling=parse_sampling(a.sampling)), a.debug))

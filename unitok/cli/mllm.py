@@ -1,4 +1,5 @@
-"""Command line of the unified model: `unitok train-mllm`, `unitok caption`, `unitok ask`, `unitok generate --mllm`.
+"""Command line of the unified model: `unitok train-mllm`, `unitok caption`, `unitok ask`, `unitok generate --mllm`,
+and `python -m unitok.cli.mllm export RUN DEST` (a run's weights as a small fp16 folder; what `make mllm` runs).
 
     unitok train-mllm --tokenizer data/tiny-shapes --data shapes --out runs/mllm [--steps N] [--set key=value]
     unitok caption picture.png other.jpg                  # {"image": PATH, "caption": "..."} per line
@@ -11,11 +12,14 @@ one-line notice on stderr).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-BUNDLED = Path(__file__).resolve().parent.parent / "data" / "tiny-mllm"
+from ..data.bundled import BUNDLED_MLLM as BUNDLED
+from .common import Interrupted, interrupt_message, load_mllm_folder, run_reporting_errors
+
 COMMAND = "unitok train-mllm"
 
 
@@ -28,27 +32,12 @@ def load_mllm(path=None, device: str = "cpu"):
     return load_mllm_folder(path, device)[0]
 
 
-def load_mllm_folder(path=None, device: str = "cpu"):
-    """(UnifiedModel, the folder its weights came from); `unitok generate --mllm` draws with it."""
-    from ..mllm.model import UnifiedModel
-
-    folder = Path(path) if path else BUNDLED
-    if not folder.exists():
-        raise FileNotFoundError(f"{folder} does not exist; expected a unified-model folder (config.json, "
-                                f"text_tokenizer.json, model.safetensors) or a `unitok train-mllm` run folder")
-    for sub in ("", "best", "final"):
-        if (folder / sub / "model.safetensors").is_file() and (folder / sub / "text_tokenizer.json").is_file():
-            return UnifiedModel.from_pretrained(folder / sub, map_location=device), folder / sub
-    raise ValueError(f"{folder} holds no unified model (expected model.safetensors and text_tokenizer.json in it, "
-                     f"or in its best/ or final/ folder)")
-
-
 def read_pictures(paths, image_size: int):
     """Picture files -> (B, 3, S, S) in [-1, 1]; a one-line notice for each converted or resized picture."""
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from ..data.datasets import pil_to_tensor
+    from ..data.images import pil_to_tensor
 
     out = []
     for p in paths:
@@ -71,11 +60,13 @@ def read_pictures(paths, image_size: int):
 
 
 def _train_mllm(args) -> int:
-    from .app import read_json
-    from ..mllm.trainer import MLLMTrainer, REFERENCE_GFLOPS
+    from ..mllm.text import TextTokenizer
+    from ..mllm.trainer import MLLMTrainer, mllm_configs
     from ..tokenizer.model import UniTok
-    from ..mllm.model import TextTokenizer
-    from ..training.runs import holds_run
+    from ..training.checkpoint import tokenizer_hash
+    from ..training.machine import REFERENCE_GFLOPS
+    from ..training.resume import decide_run
+    from .common import read_json
 
     if args.data != "shapes":
         raise ValueError(f"--data {args.data}: the unified model's tasks are built from the shapes labels; "
@@ -85,42 +76,32 @@ def _train_mllm(args) -> int:
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     tok_path = Path(args.tokenizer)
-    text = None
-    if args.resume and holds_run(out):
-        saved = read_json(out / "config.json", "the run's config")
-        if Path(saved.get("tokenizer") or tok_path).resolve() != tok_path.resolve():
-            raise ValueError(f"--resume: the run in {out} was trained on the tokenizer {saved.get('tokenizer')}, "
-                             f"not {tok_path}")
-        saved_train = dict(saved["train"])
-        keep = {"steps", "eval_every", "checkpoint_every", "log_every", "device", "eval_images", "t2i_samples",
-                "cfg_scale"}
-        requested = dict(o.split("=", 1) for o in overrides)
-        for key in requested:
-            if key.split(".")[-1] not in keep:
-                raise ValueError(f"--resume cannot change {key!r} (it changes what is trained); drop it, or start "
-                                 f"a new run with another --out")
-        base = [f"model.{k}={v}" for k, v in saved["mllm"].items()
-                if k not in ("grid_size", "num_codebooks", "codebook_size", "latent_dim", "tokenizer_width",
-                             "vocab_size", "projection")]
-        base += [f"train.{k}={v}" for k, v in saved_train.items() if k != "betas"]
-        overrides = base + overrides
-        text = TextTokenizer.from_json(read_json(out / "text_tokenizer.json", "the run's text tokenizer"))
-    elif args.resume:
-        print(f"note: {out} has no run to resume; starting a new one", file=sys.stderr)
     tokenizer = UniTok.from_pretrained(tok_path)
-    trainer = MLLMTrainer.from_tokenizer(tokenizer, tok_path, preset=args.preset, overrides=overrides, out_dir=out,
-                                         resume=args.resume, overwrite=args.overwrite, text=text)
-    total = trainer.config.steps
+    digest = tokenizer_hash(tokenizer)
+
+    def requested(saved: dict) -> dict:   # what this command line asks of the run it resumes
+        model_cfg, train = mllm_configs(tokenizer, args.preset, overrides, saved=saved)
+        return {"mllm": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train),
+                "data": {"name": "shapes", "tokenizer_sha256": digest}}
+
+    plan = decide_run(out, resume=args.resume, overwrite=args.overwrite, command=COMMAND, requested=requested,
+                      note=f" (from --preset {args.preset})" if args.preset else "")
+    if plan.nothing_to_do:
+        print(plan.message)
+        return 0
+    text = (TextTokenizer.from_json(read_json(out / "text_tokenizer.json", "the run's text tokenizer"))
+            if plan.resuming else None)
+    trainer = MLLMTrainer.from_tokenizer(tokenizer, tok_path, preset=None if plan.resuming else args.preset,
+                                         overrides=overrides, out_dir=out, resume=plan.resuming, text=text,
+                                         saved=plan.saved)
     print(f"training a unified model ({trainer.model.num_parameters() / 1e6:.2f} M params, image input "
-          f"{trainer.model_config.image_input}) on {len(trainer.train_set)} shapes images for {total} steps "
-          f"(starting at step {trainer.step_count}) -> {out}", file=sys.stderr)
+          f"{trainer.model_config.image_input}) on {len(trainer.train_set)} shapes images for "
+          f"{trainer.config.steps} steps (starting at step {trainer.step_count}) -> {out}", file=sys.stderr)
     try:
         trainer.run()
     except KeyboardInterrupt:
-        saved = trainer.last_checkpoint_step()
-        from .app import Interrupted
-        raise Interrupted(f"stopped at step {trainer.step_count}; last checkpoint: step {saved}; resume with: "
-                          f"{COMMAND} --tokenizer {tok_path} --out {out} --resume") from None
+        raise Interrupted(interrupt_message(trainer, f"{COMMAND} --tokenizer {tok_path} --out {out} --resume")) \
+            from None
     trainer.save_checkpoint()
     results = trainer.evaluate(t2i=not args.no_t2i_eval)
     summary = trainer.write_summary(results)
@@ -166,7 +147,7 @@ def add_mllm_commands(sub) -> None:
                    help="the frozen UniTok folder (default: the bundled data/tiny-shapes)")
     t.add_argument("--data", default="shapes", help="dataset (shapes: tasks are built from its labels)")
     t.add_argument("--out", required=True, help="run folder")
-    t.add_argument("--preset", default="tiny", help="model size: tiny or small")
+    t.add_argument("--preset", help="model size: tiny (default) or small; on --resume, the saved run's")
     t.add_argument("--steps", type=int, help="total training steps (default: the config's)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a setting, e.g. --set image_input=embedding --set train.lr=1e-3 (repeatable)")
@@ -224,7 +205,5 @@ if __name__ == "__main__":   # python -m unitok.cli.mllm export RUN DEST [--over
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = ap.parse_args()
-    from .app import run_reporting_errors
-
     sys.exit(run_reporting_errors("python -m unitok.cli.mllm export",
                                   lambda: print(f"exported {a.run} -> {export(a.run, a.dest, a.overwrite)}"), a.debug))

@@ -8,7 +8,8 @@ supersampling but 16x cheaper, and exact at every resolution.
     >>> canvas = render_scene([dict(shape="star", cx=16, cy=16, half=10, rgb=rgb(235, 45, 45))],
     ...                       background_rgb=rgb(12, 12, 14), image_size=32)      # (3, 32, 32) in [-1, 1]
 
-`unitok.data.datasets.ShapesDataset` samples the scenes (shapes, colours, positions, captions) and draws them with this.
+`unitok.data.shapes_dataset.ShapesDataset` samples the scenes (shapes, colours, positions, captions) and draws them
+with this.
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from torch.utils.data._utils.collate import default_collate
 from ..training.checkpoint import atomic_write
 from .codebook_stats import codebook_stats
 from ..tokenizer.config import ModelConfig
-from ..data.datasets import make_grid_image
+from ..data.images import make_grid_image
 from .fid import EfficientNetLite0Features, FIDAccumulator, InceptionFeatures
 from .image_metrics import psnr, ssim
 from .linear_probe import linear_probe, pooled_token_features

@@ -1,39 +1,31 @@
 """A miniature unified multimodal model: one causal transformer that reads *and* writes images as UniTok tokens.
 
 Three tasks share one model, one vocabulary of text tokens, one image-token interface and one next-token loss:
-
-    t2i   <t2i> [pad..] caption <boi> img_0 .. img_{N-1}                      target: the N image tokens
-    i2t   <i2t> <boi> img_0 .. img_{N-1} <eoi> caption <eos>                  target: caption <eos>
-    vqa   <vqa> <boi> img_0 .. img_{N-1} <eoi> [pad..] question <sep> answer <eos>   target: answer <eos>
-
-The prompt parts (t2i caption, vqa question) are *left*-padded to a fixed number of tokens, so every sequence of a
-task has the same layout: a batch of prompts is one tensor, the image always starts at the same slot, and KV-cached
-decoding needs no attention masks (pads come before the text they pad and are ordinary tokens the model learns to
-skip). Targets come after the prompt and are right-padded; pads after the end are never attended by a target.
+text-to-image (t2i), captioning (i2t) and visual question answering (vqa), each a sequence laid out by
+`unitok.mllm.sequence` (special tokens, left-padded prompts, fixed image slots: one layout per task, so a batch of
+prompts is one tensor and KV-cached decoding needs no attention masks).
 
 Pieces (docs/mllm.md):
-- text: `TextTokenizer`, a byte-level BPE trained on the dataset's captions and questions (bytes are the fallback,
-  so any input text encodes; merges make a word of the closed vocabulary one token, so captions are ~5x shorter
-  than raw bytes: shorter sequences and fewer decoding steps);
+- text: `unitok.mllm.text.TextTokenizer`, a byte-level BPE trained on the dataset's captions and questions;
 - image in, `image_input`:
     "codebook"    codes -> the tokenizer's unit-norm codebook vectors (a frozen copy) -> the tokenizer's
                   `post_quant_proj` with *causal* attention (initialised from the tokenizer, trained here) ->
-                  projector LayerNorm -> Linear -> GELU -> Linear (the Liquid way);
+                  projector LayerNorm -> Linear -> GELU -> Linear (the Liquid way, `unitok.transformer.code_input`);
     "embedding"   the sum of k learned sub-code embeddings (the generator's input);
     "continuous"  the tokenizer's pre-quantization features, input only: `continuous_source="latent"` sends the
                   per-chunk normalised latent through the same causal post_quant_proj + projector; "encoder" sends
                   the encoder's full-width tokens straight to the projector (the CLIP-style baseline);
-- image out: the generator's depth head (`unitok.generator.model`: a small causal transformer drawing the k sub-codes of
-  a position one after another, one shared classifier), with its sampling helpers (temperature, top-k, top-p,
-  classifier-free guidance, seeded inverse-CDF draws);
-- the backbone is the generator's `CausalTransformer` with its `KVCache`.
+- image out: the generator's depth head (`unitok.transformer.depth_head.DepthHead`: a small causal transformer
+  drawing the k sub-codes of a position one after another, one shared classifier), with the shared sampling
+  (`unitok.transformer.sampling`: temperature, top-k, top-p, classifier-free guidance, seeded inverse-CDF draws);
+- the backbone is the generator's `CausalTransformer` with its `KVCache` (`unitok.transformer.causal`).
 
 Positions: a learned absolute table over sequence slots, plus learned row/column embeddings on image slots, plus a
 "next image position" embedding on every slot whose successor is an image token (the generator's convention that a
 slot carries the position it predicts). All are added at the input, so the KV cache works unchanged.
 
     >>> tok = UniTok.from_pretrained("data/tiny-shapes")
-    >>> text = TextTokenizer.train(corpus)                       # or TextTokenizer.load(folder)
+    >>> text = TextTokenizer.train(corpus)                       # or TextTokenizer.from_json(...)
     >>> model = UnifiedModel(MLLMConfig.for_tokenizer(tok, text), tok, text)
     >>> out = model(model.build_batch(items))                    # out.loss, out.text_loss, out.image_loss
     >>> model.caption(codes)                                     # ["a large red star in the centre, on ...", ...]
@@ -46,274 +38,29 @@ import dataclasses
 import json
 import math
 import os
-import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from ..training.checkpoint import atomic_write, load_state_dict_checked
-from ..generator.model import (CODE_LOGITS, CausalTransformer, CodeClassifier, PositionStep, TokenGenerator, check_rerank,
-                        code_vectors, image_projector, keep_best_aligned, tokenizer_hash)
+from ..tokenizer.codes import check_codes
 from ..tokenizer.projection import build_projection
-
-TASKS = ("t2i", "i2t", "vqa")
-IMAGE_INPUTS = ("codebook", "embedding", "continuous")
-CONTINUOUS_SOURCES = ("latent", "encoder")
-SPECIALS = ("<pad>", "<t2i>", "<i2t>", "<vqa>", "<boi>", "<eoi>", "<sep>", "<eos>")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# text: a small byte-level BPE
-# ---------------------------------------------------------------------------------------------------------------
-_PIECE = re.compile(r" ?[a-z0-9]+| ?[^a-z0-9\s]+")
-
-
-class TextTokenizer:
-    """Byte-level BPE. ids: the specials (0..7, `<pad>` = 0), then the 256 bytes, then one id per merge.
-
-    Text is lower-cased and whitespace-normalised, split into pieces (a word with its leading space, or a run of
-    punctuation), and each piece is merged pair by pair in the order the merges were learned. Any string encodes
-    (unknown words fall back to bytes); decoding is exact for normalised text.
-    """
-
-    def __init__(self, merges: Sequence[Sequence[int]]):
-        self.merges = [tuple(int(x) for x in m) for m in merges]
-        self.offset = len(SPECIALS)
-        self.ranks = {m: i for i, m in enumerate(self.merges)}
-        self.vocab: Dict[int, bytes] = {self.offset + b: bytes([b]) for b in range(256)}
-        for i, (a, b) in enumerate(self.merges):
-            self.vocab[self.offset + 256 + i] = self.vocab[a] + self.vocab[b]
-        self.special = {s: i for i, s in enumerate(SPECIALS)}
-        self._cache: Dict[str, List[int]] = {}
-
-    def __len__(self) -> int:
-        return self.offset + 256 + len(self.merges)
-
-    def __getattr__(self, name):  # tok.pad, tok.eos, ... for the special ids
-        special = self.__dict__.get("special", {})
-        if f"<{name}>" in special:
-            return special[f"<{name}>"]
-        raise AttributeError(name)
-
-    @staticmethod
-    def normalize(text: str) -> str:
-        return " ".join(str(text).lower().split())
-
-    @classmethod
-    def _pieces(cls, text: str) -> List[str]:
-        return _PIECE.findall(cls.normalize(text))
-
-    @classmethod
-    def train(cls, corpus: Sequence[str], num_merges: int = 400, min_count: int = 2) -> "TextTokenizer":
-        """Learn up to `num_merges` merges (each used at least `min_count` times) from `corpus`. Deterministic:
-        ties are broken by the pair's ids."""
-        offset = len(SPECIALS)
-        words = Counter(p for text in corpus for p in cls._pieces(text))
-        seqs = {w: [offset + b for b in w.encode()] for w in words}
-        merges = []
-        for _ in range(num_merges):
-            pairs = Counter()
-            for w, seq in seqs.items():
-                for pair in zip(seq, seq[1:]):
-                    pairs[pair] += words[w]
-            if not pairs:
-                break
-            pair, count = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
-            if count < min_count:
-                break
-            new = offset + 256 + len(merges)
-            merges.append(pair)
-            for w, seq in seqs.items():
-                seqs[w] = cls._merge(seq, pair, new)
-        return cls(merges)
-
-    @staticmethod
-    def _merge(seq: List[int], pair: tuple, new: int) -> List[int]:
-        out, i = [], 0
-        while i < len(seq):
-            if i + 1 < len(seq) and (seq[i], seq[i + 1]) == pair:
-                out.append(new)
-                i += 2
-            else:
-                out.append(seq[i])
-                i += 1
-        return out
-
-    def _encode_piece(self, piece: str) -> List[int]:
-        if piece in self._cache:
-            return self._cache[piece]
-        seq = [self.offset + b for b in piece.encode()]
-        while len(seq) > 1:
-            ranked = [(self.ranks.get(p, math.inf), j) for j, p in enumerate(zip(seq, seq[1:]))]
-            rank, j = min(ranked)
-            if rank == math.inf:
-                break
-            seq = self._merge(seq, (seq[j], seq[j + 1]), self.offset + 256 + int(rank))
-        self._cache[piece] = seq
-        return seq
-
-    def encode(self, text: str) -> List[int]:
-        """text -> token ids (no specials)."""
-        if not isinstance(text, str):
-            raise ValueError(f"expected text (a str), got {type(text).__name__}")
-        return [i for p in self._pieces(text) for i in self._encode_piece(p)]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """ids -> text; specials and ids outside the vocabulary are dropped."""
-        data = b"".join(self.vocab.get(int(i), b"") for i in ids)
-        return data.decode("utf-8", errors="replace").strip()
-
-    def token_text(self, i: int) -> str:
-        """One id as readable text (specials by name)."""
-        i = int(i)
-        return SPECIALS[i] if i < self.offset else self.vocab.get(i, b"?").decode("utf-8", errors="replace")
-
-    def to_json(self) -> dict:
-        return {"type": "byte-bpe", "specials": list(SPECIALS), "merges": [list(m) for m in self.merges]}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "TextTokenizer":
-        if data.get("type") != "byte-bpe" or list(data.get("specials", [])) != list(SPECIALS):
-            raise ValueError("text_tokenizer.json is not a byte-level BPE written by TextTokenizer.to_json")
-        return cls(data["merges"])
+from ..training.checkpoint import atomic_write, load_state_dict_checked
+from ..transformer.causal import CausalTransformer
+from ..transformer.code_input import code_vectors, image_projector
+from ..transformer.depth_head import DepthHead
+from ..transformer.folders import linked_tokenizer, require_files, save_weights, warn_if_tokenizer_changed, write_config
+from ..transformer.sampling import PositionStep, check_rerank, check_sampling, draw, keep_best_aligned, seeded_uniforms
+from . import sequence
+from .config import MLLMConfig
+from .sequence import SPECIALS
+from .text import TextTokenizer
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# config
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class MLLMConfig:
-    # backbone (the generator's CausalTransformer)
-    width: int = 128
-    depth: int = 4
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    # image output: the generator's depth head
-    depth_width: int = 128
-    depth_layers: int = 1
-    depth_heads: int = 4
-    code_logits: str = "linear"          # "linear" or "codebook" (the generator's `CodeClassifier` geometry term)
-    # image input
-    image_input: str = "codebook"        # "codebook", "embedding" or "continuous" (input only)
-    continuous_source: str = "latent"    # "latent" (pre-quantization, through post_quant_proj) or "encoder"
-    tune_post_quant_proj: bool = True    # train the causal copy of the tokenizer's post_quant_proj
-    # text
-    vocab_size: int = 264                # len(TextTokenizer)
-    caption_tokens: int = 28             # t2i prompt slots (left-padded)
-    question_tokens: int = 16            # vqa question slots (left-padded)
-    target_tokens: int = 28              # longest caption / answer target, <eos> included
-    # loss
-    image_loss_weight: float = 1.0
-    caption_dropout: float = 0.1         # t2i prompts replaced by the empty prompt (the CFG unconditional branch)
-    # the tokenizer's sizes (taken from it)
-    grid_size: int = 8
-    num_codebooks: int = 8
-    codebook_size: int = 256
-    latent_dim: int = 32
-    tokenizer_width: int = 128
-    projection: str = "attn"
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        problems = []
-        if self.code_logits not in CODE_LOGITS:
-            problems.append(f"code_logits must be one of {CODE_LOGITS}, got {self.code_logits!r}")
-        if self.image_input not in IMAGE_INPUTS:
-            problems.append(f"image_input must be one of {IMAGE_INPUTS}, got {self.image_input!r}")
-        if self.continuous_source not in CONTINUOUS_SOURCES:
-            problems.append(f"continuous_source must be one of {CONTINUOUS_SOURCES}, got {self.continuous_source!r}")
-        if self.width % self.num_heads:
-            problems.append(f"width {self.width} must be divisible by num_heads {self.num_heads}")
-        if self.depth_width % self.depth_heads:
-            problems.append(f"depth_width {self.depth_width} must be divisible by depth_heads {self.depth_heads}")
-        for name in ("width", "depth", "depth_layers", "caption_tokens", "question_tokens", "target_tokens",
-                     "grid_size", "num_codebooks", "codebook_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.vocab_size < len(SPECIALS) + 256:
-            problems.append(f"vocab_size must be >= {len(SPECIALS) + 256} (specials + bytes), got {self.vocab_size}")
-        if not 0.0 <= self.caption_dropout < 1.0:
-            problems.append(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}")
-        if problems:
-            raise ValueError("invalid MLLMConfig: " + "; ".join(problems))
-
-    @property
-    def num_positions(self) -> int:
-        return self.grid_size ** 2
-
-    @property
-    def can_generate(self) -> bool:
-        """Continuous features are input only: such a model reads images but cannot write them."""
-        return self.image_input != "continuous"
-
-    def image_start(self, task: str) -> int:
-        return 1 + self.caption_tokens + 1 if task == "t2i" else 2
-
-    def prompt_length(self, task: str) -> int:
-        """Slots before the first target token (the decoding prefill)."""
-        N = self.num_positions
-        return {"t2i": 2 + self.caption_tokens, "i2t": 3 + N, "vqa": 3 + N + self.question_tokens + 1}[task]
-
-    @property
-    def max_length(self) -> int:
-        N = self.num_positions
-        return max(2 + self.caption_tokens + N, 3 + N + self.target_tokens,
-                   3 + N + self.question_tokens + 1 + self.target_tokens)
-
-    @classmethod
-    def for_tokenizer(cls, tokenizer, text: Optional[TextTokenizer] = None, **overrides) -> "MLLMConfig":
-        c = tokenizer.config
-        values = dict(grid_size=c.grid_size, num_codebooks=c.num_codebooks, codebook_size=c.codebook_size,
-                      latent_dim=c.latent_dim, tokenizer_width=c.width, projection=c.projection)
-        if text is not None:
-            values["vocab_size"] = len(text)
-        values.update(overrides)
-        return cls(**values)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the generator's depth head, as a module of its own
-# ---------------------------------------------------------------------------------------------------------------
-class DepthHead(nn.Module):
-    """The generator's image-output head over the k sub-codes of one position (same layers, same code):
-
-    [h, emb(c_1), ..., emb(c_{k-1})] -> a small causal transformer -> one shared classifier over K.
-    `depth_logits(h (M, D), codes (M, k)) -> (M, k, K)` (teacher forced); `_sample_position` draws a position's
-    k sub-codes with the generator's temperature / top-k / top-p / CFG and seeded inverse-CDF draws.
-    """
-
-    depth_logits = TokenGenerator.depth_logits
-    _sample_position = TokenGenerator._sample_position
-    filter_logits = staticmethod(TokenGenerator.filter_logits)
-    guided_logits = staticmethod(TokenGenerator.guided_logits)
-    _draw = staticmethod(TokenGenerator._draw)
-    _check_sampling = TokenGenerator._check_sampling
-
-    def __init__(self, in_dim: int, num_codebooks: int, codebook_size: int, width: int, layers: int, heads: int,
-                 mlp_ratio: float = 4.0, dropout: float = 0.0, code_dim: int = 4, geometry: bool = False):
-        super().__init__()
-        k, K = num_codebooks, codebook_size
-        self.config = SimpleNamespace(head="depth", num_codebooks=k, codebook_size=K)
-        self.depth_in = nn.Linear(in_dim, width) if width != in_dim else nn.Identity()
-        self.depth_embed = nn.Embedding(max(k - 1, 1) * K, width)
-        self.register_buffer("depth_offsets", torch.arange(max(k - 1, 1)) * K, persistent=False)
-        self.depth = CausalTransformer(width, layers, heads, mlp_ratio, dropout)
-        self.classifier = CodeClassifier(width, k, K, code_dim, shared=True, geometry=geometry)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the model
-# ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class MLLMOutput:
     loss: torch.Tensor                    # () text_loss + image_loss_weight * image_loss
@@ -460,88 +207,14 @@ class UnifiedModel(nn.Module):
         return (self.row_embed[:, None] + self.col_embed[None]).reshape(g * g, -1)
 
     # ------------------------------------------------------------------ sequences
-    def _text_ids(self, text: str, limit: int, what: str) -> List[int]:
-        if self.text is None:
-            raise ValueError("this model has no text tokenizer attached")
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"expected non-empty {what} text, got {text!r}")
-        ids = self.text.encode(text)
-        if len(ids) > limit:
-            raise ValueError(f"the {what} is {len(ids)} text tokens long; this model takes at most {limit} "
-                             f"({text[:60]!r})")
-        return ids
-
     def prompt_tokens(self, task: str, caption: Optional[str] = None, question: Optional[str] = None) -> List[int]:
-        """The prompt slots of one sequence (image slots hold <pad> placeholders), up to the first target token."""
-        cfg, sp = self.config, {s: i for i, s in enumerate(SPECIALS)}
-        N, pad = cfg.num_positions, sp["<pad>"]
-        if task == "t2i":
-            ids = [] if caption is None else self._text_ids(caption, cfg.caption_tokens, "prompt")
-            return [sp["<t2i>"]] + [pad] * (cfg.caption_tokens - len(ids)) + ids + [sp["<boi>"]]
-        head = [sp[f"<{task}>"], sp["<boi>"]] + [pad] * N + [sp["<eoi>"]]
-        if task == "i2t":
-            return head
-        if task == "vqa":
-            ids = self._text_ids(question, cfg.question_tokens, "question")
-            return head + [pad] * (cfg.question_tokens - len(ids)) + ids + [sp["<sep>"]]
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        """The prompt slots of one sequence (image slots hold <pad> placeholders), up to the first target token
+        (`unitok.mllm.sequence.prompt_tokens`)."""
+        return sequence.prompt_tokens(self.config, self.text, task, caption, question)
 
     def build_batch(self, items: Sequence[dict], drop_caption: Optional[Sequence[bool]] = None) -> dict:
-        """Training / scoring sequences for a list of items {"task", "image" (codes (N, k) or features (N, F)),
-        "caption" (t2i prompt or i2t target), "question", "answer" (vqa)} -> a batch dict:
-
-        tokens (B, L) int64 (image slots hold <pad>), text_targets (B, L) int64 (the token slot j+1 must hold, or
-        -100), image (B, N, ...) codes or features, image_start (B,) int64, image_target (B,) bool.
-        drop_caption: per item, replace the t2i prompt by the empty one (classifier-free guidance training).
-        """
-        cfg = self.config
-        if not items:
-            raise ValueError("expected at least one item, got none")
-        sp_eos = SPECIALS.index("<eos>")
-        rows, targets, starts, is_t2i = [], [], [], []
-        for i, it in enumerate(items):
-            task = it.get("task")
-            if task == "t2i":
-                if not cfg.can_generate:
-                    raise ValueError("a model with image_input='continuous' reads images but cannot write them; "
-                                     "t2i items need 'codebook' or 'embedding'")
-                drop = bool(drop_caption[i]) if drop_caption is not None else False
-                row = self.prompt_tokens("t2i", None if drop else it["caption"]) + [0] * cfg.num_positions
-                tgt = [-100] * len(row)
-            else:
-                row = self.prompt_tokens(task, question=it.get("question"))
-                answer = it["caption"] if task == "i2t" else it["answer"]
-                ids = self._text_ids(answer, cfg.target_tokens - 1, "caption" if task == "i2t" else "answer")
-                ids = ids + [sp_eos]
-                tgt = [-100] * (len(row) - 1) + ids        # slot j predicts token j + 1
-                row = row + ids
-                tgt = tgt + [-100]
-            rows.append(row)
-            targets.append(tgt)
-            starts.append(cfg.image_start(task))
-            is_t2i.append(task == "t2i")
-        L = max(len(r) for r in rows)
-        tokens = torch.zeros(len(rows), L, dtype=torch.long)
-        text_targets = torch.full((len(rows), L), -100, dtype=torch.long)
-        for i, (r, t) in enumerate(zip(rows, targets)):
-            tokens[i, :len(r)] = torch.tensor(r)
-            text_targets[i, :len(t)] = torch.tensor(t)
-        image = torch.stack([torch.as_tensor(it["image"]) for it in items])
-        return {"tokens": tokens, "text_targets": text_targets, "image": image,
-                "image_start": torch.tensor(starts), "image_target": torch.tensor(is_t2i),
-                "task": torch.tensor([TASKS.index(it["task"]) for it in items])}
-
-    def _check_image_input(self, image: torch.Tensor) -> None:
-        cfg = self.config
-        N, k = cfg.num_positions, cfg.num_codebooks
-        if cfg.image_input == "continuous":
-            F_ = cfg.tokenizer_width if cfg.continuous_source == "encoder" else cfg.latent_dim
-            if not image.is_floating_point() or image.ndim != 3 or tuple(image.shape[1:]) != (N, F_):
-                raise ValueError(f"image_input='continuous' expects features (B, {N}, {F_}) (float), got "
-                                 f"{tuple(image.shape)} {image.dtype}")
-            return
-        if image.is_floating_point() or image.ndim != 3 or tuple(image.shape[1:]) != (N, k):
-            raise ValueError(f"expected codes (B, {N}, {k}) (integers), got {tuple(image.shape)} {image.dtype}")
+        """Training / scoring sequences for a list of items -> a batch dict (`unitok.mllm.sequence.build_batch`)."""
+        return sequence.build_batch(self.config, self.text, items, drop_caption)
 
     def embed_sequence(self, tokens: torch.Tensor, image: torch.Tensor, image_start: torch.Tensor,
                        offset: int = 0) -> torch.Tensor:
@@ -570,7 +243,7 @@ class UnifiedModel(nn.Module):
         dev = self.device
         tokens, targets = batch["tokens"].to(dev), batch["text_targets"].to(dev)
         image, start, is_t2i = batch["image"].to(dev), batch["image_start"].to(dev), batch["image_target"].to(dev)
-        self._check_image_input(image)
+        sequence.check_image(self.config, image)
         h = self.backbone(self.embed_sequence(tokens, image, start))     # (B, L, D)
         logits = self.text_head(h)
         mask = targets != -100
@@ -610,9 +283,8 @@ class UnifiedModel(nn.Module):
             return self.image_features(image)
         if image.ndim == 4:
             image = image.flatten(1, 2)
-        self._check_image_input(image)
+        sequence.check_image(self.config, image)
         if not image.is_floating_point():
-            from ..tokenizer.codes import check_codes
             check_codes(image, self.config.codebook_size, self.config.num_codebooks)
         return image.to(self.device)
 
@@ -645,8 +317,7 @@ class UnifiedModel(nn.Module):
             raise ValueError(f"max_new_tokens must lie in [1, {cfg.target_tokens}], got {max_new}")
         tokens = torch.tensor(rows, device=self.device)
         start = torch.full((B,), cfg.image_start(task), device=self.device)
-        gen = torch.Generator().manual_seed(int(seed))
-        u = torch.rand(B, max_new, generator=gen).to(self.device)
+        u = seeded_uniforms((B, max_new), seed, self.device)
         eos, pad = SPECIALS.index("<eos>"), SPECIALS.index("<pad>")
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         was_training = self.training
@@ -663,7 +334,7 @@ class UnifiedModel(nn.Module):
                     ids = logp.argmax(-1)
                 else:
                     logp = (logits / temperature).log_softmax(-1)
-                    ids = TokenGenerator._draw(logp, u[:, i])
+                    ids = draw(logp, u[:, i])
                 probs = logp.gather(1, ids[:, None])[:, 0].exp()
                 ids = torch.where(done, torch.full_like(ids, pad), ids)
                 yield TextStep(i, ids, torch.where(done, torch.ones_like(probs), probs), done.clone())
@@ -682,22 +353,7 @@ class UnifiedModel(nn.Module):
     @torch.no_grad()
     def read(self, task: str, image, questions=None, with_probs: bool = False, **kw):
         """Decode whole texts: list of strings (or, with_probs, list of [(token text, probability), ...] too)."""
-        steps = list(self.text_steps(task, image, questions, **kw))
-        B = steps[0].ids.shape[0] if steps else 0
-        texts, details = [], []
-        eos = SPECIALS.index("<eos>")
-        for b in range(B):
-            ids, probs = [], []
-            for s in steps:
-                if bool(s.done[b]):
-                    break
-                i = int(s.ids[b])
-                if i == eos:
-                    break
-                ids.append(i)
-                probs.append(float(s.probs[b]))
-            texts.append(self.text.decode(ids))
-            details.append([(self.text.token_text(i), p) for i, p in zip(ids, probs)])
+        texts, details = sequence.read_texts(list(self.text_steps(task, image, questions, **kw)), self.text)
         return (texts, details) if with_probs else texts
 
     def caption(self, image, **kw) -> List[str]:
@@ -730,7 +386,7 @@ class UnifiedModel(nn.Module):
         if not isinstance(num, int) or isinstance(num, bool) or num < 1:
             raise ValueError(f"num must be an int >= 1 (samples per prompt), got {num!r}")
         head = self.image_head
-        head._check_sampling(temperature, top_k, top_p, cfg_scale)
+        check_sampling(temperature, top_k, top_p, cfg_scale)
         rows = [self.prompt_tokens("t2i", p) for p in prompts for _ in range(num)]
         B, N, k = len(rows), cfg.num_positions, cfg.num_codebooks
         guided = cfg_scale != 1.0
@@ -743,8 +399,7 @@ class UnifiedModel(nn.Module):
         if codes is None:
             codes = torch.zeros(B, cfg.grid_size, cfg.grid_size, k, dtype=torch.long, device=self.device)
         flat = codes.view(B, N, k)
-        gen = torch.Generator().manual_seed(int(seed))
-        u = torch.rand(B, N, k, generator=gen).to(self.device)
+        u = seeded_uniforms((B, N, k), seed, self.device)
         settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
         was_training = self.training
         self.eval()
@@ -752,7 +407,7 @@ class UnifiedModel(nn.Module):
             cache = self.backbone.new_cache() if use_cache else None
             h = self.backbone(self.embed_sequence(tokens, None, start), cache)[:, -1]
             for t in range(N):
-                c, p, e = head._sample_position(h, u[:, t], B, guided, settings, use_cache)
+                c, p, e = head.sample(h, u[:, t], guided, use_cache, **settings)
                 flat[:, t] = c
                 yield PositionStep(t, c, p, e)
                 if t + 1 == N:
@@ -798,22 +453,10 @@ class UnifiedModel(nn.Module):
     def save_pretrained(self, directory: Union[str, os.PathLike], tokenizer_path: Optional[str] = None,
                         dtype: Optional[torch.dtype] = None, extra: Optional[dict] = None) -> Path:
         """config.json (MLLMConfig, tokenizer path and weight hash) + text_tokenizer.json + model.safetensors."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype)
-                 .contiguous() for k, v in self.state_dict().items()}
-        atomic_write(directory / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+        directory = save_weights(self, directory, dtype)
         atomic_write(directory / "text_tokenizer.json",
                      lambda p: Path(p).write_text(json.dumps(self.text.to_json())))
-        meta = {"mllm": dataclasses.asdict(self.config)}
-        if tokenizer_path is not None:
-            meta["tokenizer"] = os.path.relpath(Path(tokenizer_path).resolve(), directory.resolve())
-        if self.tokenizer is not None:
-            meta["tokenizer_sha256"] = tokenizer_hash(self.tokenizer)
-        meta.update(extra or {})
-        atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+        write_config(directory, {"mllm": dataclasses.asdict(self.config)}, self.tokenizer, tokenizer_path, extra)
         return directory
 
     @classmethod
@@ -822,21 +465,17 @@ class UnifiedModel(nn.Module):
         """Load what `save_pretrained` wrote; without `tokenizer`, load the one its config.json points at."""
         from safetensors.torch import load_file
 
-        from ..tokenizer.model import UniTok
-
         directory = Path(directory)
-        for name in ("config.json", "text_tokenizer.json", "model.safetensors"):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} not found; expected a folder written by "
-                                        f"UnifiedModel.save_pretrained (or `unitok train-mllm`)")
+        require_files(directory, ("config.json", "text_tokenizer.json", "model.safetensors"),
+                      "UnifiedModel.save_pretrained (or `unitok train-mllm`)")
         try:
             meta = json.loads((directory / "config.json").read_text())
             config = MLLMConfig(**meta["mllm"])
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{directory / 'config.json'} is not a unified-model config ({e})") from None
         text = TextTokenizer.from_json(json.loads((directory / "text_tokenizer.json").read_text()))
-        if tokenizer is None and meta.get("tokenizer"):
-            tokenizer = UniTok.from_pretrained((directory / meta["tokenizer"]).resolve(), map_location=map_location)
+        if tokenizer is None:
+            tokenizer = linked_tokenizer(directory, meta, map_location)
         model = cls(config, text=text)
         state = {k: v.float() if v.is_floating_point() else v
                  for k, v in load_file(str(directory / "model.safetensors"), device="cpu").items()}
@@ -844,10 +483,6 @@ class UnifiedModel(nn.Module):
         model = model.to(map_location)
         if tokenizer is not None:
             model.attach_tokenizer(tokenizer)
-            want = meta.get("tokenizer_sha256")
-            if want and want != tokenizer_hash(tokenizer):
-                import warnings
-                warnings.warn(f"the tokenizer's weights differ from the ones {directory} was trained on "
-                              f"(sha256 {want[:12]}...); its answers and pictures may be meaningless", stacklevel=2)
+            warn_if_tokenizer_changed(meta, tokenizer, directory, "its answers and pictures may be meaningless")
         model.meta = meta
         return model.eval()

@@ -31,7 +31,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-# name -> (tokenizer overrides, unified-model overrides, the paper's average VQA)
+from ..training.machine import REFERENCE_GFLOPS, git_revision, machine_info, matmul_peak
+from .metrics import plot_data
+from .spec import Setting, Study, spec_hash, tokenizer_spec
+
+__all__ = ["ROADMAP", "ROADMAP_STUDY", "mllm_spec", "run_mllm_task", "plot_roadmap"]
+
 CONTRASTIVE_ONLY = {"l1_weight": 0.0, "l2_weight": 0.0}
 
 
@@ -39,6 +44,7 @@ def _one_codebook(m):  # equal total code vectors: k x K constant
     return m.num_codebooks * m.codebook_size
 
 
+# name -> (tokenizer overrides, unified-model overrides, the paper's average VQA)
 ROADMAP = {
     "clip": (dict(CONTRASTIVE_ONLY), {"image_input": "continuous", "continuous_source": "encoder"}, 65.9),
     "+factorization": (dict(CONTRASTIVE_ONLY), {"image_input": "continuous", "continuous_source": "latent"}, 59.8),
@@ -50,29 +56,25 @@ ROADMAP = {
 }
 
 
-def roadmap_study(study_cls, setting_cls):
-    """The `roadmap` Study for `unitok.studies.ablate` (its classes are passed in: this module must not import it first)."""
-    return study_cls(
-        "roadmap", "Which tokenizer design choices help a unified model read pictures (the paper's roadmap)?",
-        tuple(setting_cls(name, tok) for name, (tok, _, _) in ROADMAP.items()),
-        "average VQA: CLIP 65.9 -> factorization 59.8 -> discretization 57.6 -> reconstruction 57.5 -> "
-        "multi-codebook 62.6 -> attention projection 64.8", kind="mllm")
+# The study `unitok ablate roadmap` runs (by name only: it is not part of "all", being 5 tokenizers + 6 models a seed)
+ROADMAP_STUDY = Study(
+    "roadmap", "Which tokenizer design choices help a unified model read pictures (the paper's roadmap)?",
+    tuple(Setting(name, tok) for name, (tok, _, _) in ROADMAP.items()),
+    "average VQA: CLIP 65.9 -> factorization 59.8 -> discretization 57.6 -> reconstruction 57.5 -> "
+    "multi-codebook 62.6 -> attention projection 64.8", kind="mllm")
 
 
 def mllm_spec(scale, setting, seed: int) -> dict:
     """Everything that determines one unified-model run: its tokenizer's spec (and key), the model overrides."""
-    from .ablate import _hash, tokenizer_spec
-
     tok = tokenizer_spec(scale, setting, seed)
     steps = scale.generator_steps or scale.steps
-    return {"kind": "mllm", "tokenizer": tok, "tokenizer_key": _hash(tok), "steps": steps, "seed": seed,
+    return {"kind": "mllm", "tokenizer": tok, "tokenizer_key": spec_hash(tok), "steps": steps, "seed": seed,
             "mllm": dict(ROADMAP[setting.name][1]), "train_images": min(6000, max(2048, 32 * steps)),
             "eval_images": min(scale.eval_images, 256)}
 
 
 def run_mllm_task(task, out: Path, run_dir: Path, log: Callable) -> dict:
     """Train and measure the unified model of one roadmap cell on its (already trained) tokenizer."""
-    from .ablate import REFERENCE_PEAK_GFLOPS, _machine, git_revision, matmul_peak
     from ..mllm.trainer import MLLMTrainer
     from ..tokenizer.model import UniTok
     from ..training.runs import atomic_write_text
@@ -108,11 +110,11 @@ def run_mllm_task(task, out: Path, run_dir: Path, log: Callable) -> dict:
     record = {"kind": "mllm", "key": task.key, "metrics": metrics, "eval": results,
               "train_seconds": round(trainer.train_seconds, 2), "wall_seconds": round(time.perf_counter() - start, 2),
               "matmul_peak_gflops": round(peak, 1),
-              "peak_scaled_train_seconds": round(trainer.train_seconds * peak / REFERENCE_PEAK_GFLOPS, 2),
+              "peak_scaled_train_seconds": round(trainer.train_seconds * peak / REFERENCE_GFLOPS, 2),
               "config": {**spec, "mllm_config": dataclasses.asdict(trainer.model_config),
                          "mllm_train": dataclasses.asdict(trainer.config)},
               "paper_vqa": ROADMAP[task.setting][2],
-              "git": git_revision(), "machine": _machine(device), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "git": git_revision(), "machine": machine_info(device), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_text(run_dir / "result.json", json.dumps(record, indent=2, default=float))
     (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     return record
@@ -120,17 +122,15 @@ def run_mllm_task(task, out: Path, run_dir: Path, log: Callable) -> dict:
 
 def plot_roadmap(rows, png=None):
     """The roadmap figure: this toolkit's unified-model scores per step (mean ± std over seeds, dots: single seeds)
-    on the left axis, the paper's average VQA on the right, in the paper's order. rows: `ablate.summarize` rows.
+    on the left axis, the paper's average VQA on the right, in the paper's order. rows: `report.summarize` rows.
     Returns the matplotlib figure (and writes `png` when given)."""
     import matplotlib
     if png is not None:
         matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from .ablate import _plot_data
-
     steps = list(ROADMAP)
-    _, _, get = _plot_data(rows, "roadmap")      # (setting, metric) -> summary row
+    _, _, get = plot_data(rows, "roadmap")      # (setting, metric) -> summary row
     if not any((s, "mllm_vqa_acc") in get for s in steps):
         raise ValueError("no roadmap results (metric mllm_vqa_acc) among the rows")
     fig, ax = plt.subplots(figsize=(8.5, 3.6))

@@ -18,7 +18,9 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..training.machine import CPU_BF16_CHOICES
+# TrainConfig.cpu_bf16: fp32 on the CPU, bf16 autocast, or bf16 where the CPU multiplies bf16 in hardware (AMX).
+# Defined here, with the config it checks; unitok.training.machine, which acts on the choice, imports it.
+CPU_BF16_CHOICES = ("off", "on", "auto")
 
 
 @dataclass
@@ -118,14 +120,6 @@ class ModelConfig:
             problems.append(f"text_width {self.text_width} must be divisible by text_heads {self.text_heads}")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
-
-    @classmethod
-    def from_reference_args(cls, args: dict, state: dict | None = None, **overrides) -> "ModelConfig":
-        """The config of a released-UniTok checkpoint from its `args` dict; depths and widths are read from the
-        state dict when given (so smaller variants load too). See `unitok.tokenizer.reference.config_from_reference`."""
-        from .reference import config_from_reference
-
-        return config_from_reference(args, state, **overrides)
 
     @property
     def grid_size(self) -> int:
@@ -325,22 +319,28 @@ def apply_overrides(preset: Preset, overrides: list[str] | dict[str, Any]) -> Pr
     A bare key is looked up in the model config first, then the training config. Values are parsed as JSON
     when possible (numbers, booleans, lists), otherwise kept as strings.
     """
-    items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+    items = overrides.items() if isinstance(overrides, dict) else (split_override(o) for o in overrides)
     model, train = to_dict(preset.model), to_dict(preset.train)
     types = {**{f.name: f.type for f in fields(ModelConfig)}, **{f.name: f.type for f in fields(TrainConfig)}}
     for key, value in items:
         section, _, name = key.rpartition(".")
         if section in ("model", "") and name in model:
-            model[name] = _coerce(key, value, types[name], model[name])
+            model[name] = coerce_value(key, value, types[name], model[name])
         elif section in ("train", "") and name in train:
-            train[name] = _coerce(key, value, types[name], train[name])
+            train[name] = coerce_value(key, value, types[name], train[name])
         else:
             raise ValueError(f"unknown setting {key!r}; model keys: {sorted(model)}; train keys: {sorted(train)}")
     return Preset(from_dict(ModelConfig, model, "overrides"), from_dict(TrainConfig, train, "overrides"))
 
 
-def _coerce(key: str, value: Any, type_name: Any, current: Any) -> Any:
-    """Parse an override to its field's type: "False" -> False, "1e3" -> 1000 for an int field only if integral."""
+def coerce_value(key: str, value: Any, type_name: Any, current: Any) -> Any:
+    """Parse an override to its field's type: "False" -> False, "1e3" -> 1000 for an int field only if integral.
+
+    key: the setting's name and current: its value now (both for the error message); type_name: the dataclass
+    field's type ("bool", "int", "float", "tuple", else kept as a string). A value that does not parse is a
+    ValueError naming the key, the expected type and the value. Shared by every config with key=value overrides
+    (the tokenizer's here, the generator's and the MLLM's).
+    """
     type_name = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
     text = value.strip() if isinstance(value, str) else value
     try:
@@ -368,7 +368,8 @@ def _coerce(key: str, value: Any, type_name: Any, current: Any) -> Any:
         raise ValueError(f"setting {key!r} expects a {type_name} (currently {current!r}), got {value!r}") from None
 
 
-def _split_override(text: str) -> tuple[str, str]:
+def split_override(text: str) -> tuple[str, str]:
+    """"key=value" -> ("key", "value"), both stripped; the value may itself contain "=". A ValueError without "="."""
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like key=value")
     key, value = text.split("=", 1)

@@ -18,7 +18,8 @@ Module names follow the reference's state-dict prefixes (encoder, quant_proj, qu
 text_encoder, fc_norm, projection, logit_scale). The default blocks are a compact toy layout; the released
 checkpoint's own layout (ViTamin encoder, convolutional decoder, its projections) is the config choice
 `encoder="vitamin_large", decoder="vitamin", projection="attn_reference"` (`unitok.tokenizer.vitamin`), and
-`UniTok.from_reference` loads that checkpoint into it (`unitok.tokenizer.reference`).
+`unitok.tokenizer.reference.load_reference` loads that checkpoint into it (the reference file builds on this one,
+never the other way round).
 """
 from __future__ import annotations
 
@@ -181,18 +182,6 @@ class UniTok(nn.Module):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "UniTok":
         return cls(dataclasses.replace(get_preset(name).model, **overrides))
-
-    @classmethod
-    def from_reference(cls, path_or_repo: Union[str, os.PathLike] = "FoundationVision/unitok_tokenizer",
-                       map_location: str = "cpu", **overrides) -> "UniTok":
-        """The released UniTok (a `.pth` file, or a Hugging Face repo id), computing what the reference computes.
-
-        overrides: ModelConfig fields to change, e.g. `projection_causal=True` for the Feb-2025 release.
-        See `unitok.tokenizer.reference.load_reference` for the file format and the checks.
-        """
-        from .reference import load_reference
-
-        return load_reference(path_or_repo, map_location=map_location, **overrides)
 
     @property
     def last_decoder_layer(self) -> nn.Parameter:

@@ -1,6 +1,6 @@
 """The released UniTok checkpoint: read it, build the model it describes, load it key for key.
 
-    >>> model = UniTok.from_reference("unitok_tokenizer.pth")            # or the hub repo id (downloaded, cached)
+    >>> model = load_reference("unitok_tokenizer.pth")                   # or the hub repo id (downloaded, cached)
     >>> codes = model.encode(preprocess([pil_image]))                      # (1, 16, 16, 8)
     >>> ref_codes = codes_to_reference(codes)                              # (1, 8, 256): the reference's layout
 
@@ -32,6 +32,7 @@ from typing import Any, Dict, Tuple, Union
 import torch
 
 from .config import ModelConfig
+from .model import UniTok
 
 REFERENCE_REPO = "FoundationVision/unitok_tokenizer"
 REFERENCE_FILE = "unitok_tokenizer.pth"
@@ -296,11 +297,13 @@ def reference_to_state_dict(state: Dict[str, torch.Tensor], config: ModelConfig)
     return out
 
 
-def load_reference(path_or_repo: PathLike = REFERENCE_REPO, map_location: str = "cpu", **overrides):
-    """UniTok with the reference checkpoint's weights (see the module docstring). Strict: any key left over or
-    missing, or any shape that differs, is a ValueError listing them all."""
+def load_reference(path_or_repo: PathLike = REFERENCE_REPO, map_location: str = "cpu", **overrides) -> UniTok:
+    """The released UniTok (a `.pth` file, or a Hugging Face repo id) with the reference checkpoint's weights,
+    computing what the reference computes (see the module docstring), in eval mode on `map_location`.
+
+    overrides: ModelConfig fields to change, e.g. `projection_causal=True` for the Feb-2025 release.
+    Strict: any key left over or missing, or any shape that differs, is a ValueError listing them all."""
     from ..training.checkpoint import load_state_dict_checked
-    from .model import UniTok
 
     path = resolve_reference(path_or_repo)
     args, state = read_reference(path)

@@ -4,6 +4,8 @@
 - `load_state_dict_checked(model, state)`: refuses a state dict whose keys or shapes differ from the model's,
   listing every difference (a ValueError, so the CLI reports it in one line).
 - `load_state_dict_by_position(module, source, what)`: the same architecture saved under other key names.
+- `tokenizer_hash(tokenizer)`: a sha256 over a module's weights, so a generator or unified model saved next to a
+  frozen tokenizer (and the code caches extracted with it) can tell when that tokenizer's weights changed.
 - `read_safetensors(path)` / `read_torch(path)`: a missing file is a FileNotFoundError naming what was expected;
   `.pt` files are read with `weights_only=True` (nothing is unpickled but tensors and plain containers).
 
@@ -12,6 +14,7 @@ Used by `UniTok.save_pretrained` / `from_pretrained` (JSON + safetensors), the t
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -20,8 +23,8 @@ from typing import Callable, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["atomic_write", "load_state_dict_checked", "load_state_dict_by_position", "read_safetensors",
-           "read_torch"]
+__all__ = ["atomic_write", "load_state_dict_checked", "load_state_dict_by_position", "tokenizer_hash",
+           "read_safetensors", "read_torch"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -86,6 +89,16 @@ def load_state_dict_by_position(module: nn.Module, source: dict, what: str) -> N
                                f"{dk} {tuple(dv.shape)}")
         new[dk] = sv
     module.load_state_dict(new, strict=True)
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 over the tokenizer's state dict (names, shapes, dtypes, bytes): changes whenever its weights do."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(tokenizer.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d: 1-d first
+    return h.hexdigest()
 
 
 def _require_file(path: PathLike, what: str) -> Path:

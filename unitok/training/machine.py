@@ -1,4 +1,8 @@
-"""Where and how a model runs: device lookup and a thread-safe evaluation-mode context.
+"""The machine: where and how a model runs (device, bf16, a thread-safe evaluation mode) and what it is (its
+matmul peak, the code's git revision), for the library, the widgets and the benchmarks alike.
+
+    >>> matmul_peak()                            # fp32 GFLOP/s of this machine right now (best of 5 2048^3 products)
+    >>> git_revision()                           # 'c0ffee...' (+ '-dirty' when tracked files differ), or 'unknown'
 
     >>> device = pick_device("auto")             # cuda:0 when there is a GPU, else cpu
     >>> model_device(model)                      # the device of the model's first parameter (cpu if none)
@@ -20,17 +24,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import os
+import platform
+import subprocess
 import threading
+import time
 import weakref
+from pathlib import Path
 from typing import Iterator, Union
 
 import torch
 import torch.nn as nn
 
-__all__ = ["pick_device", "model_device", "model_lock", "eval_mode", "CPU_BF16_CHOICES", "cpu_has_bf16_matmul",
-           "uses_bf16", "training_autocast"]
+from ..tokenizer.config import CPU_BF16_CHOICES  # defined with the TrainConfig field it checks
 
-CPU_BF16_CHOICES = ("off", "on", "auto")
+__all__ = ["pick_device", "model_device", "model_lock", "eval_mode", "CPU_BF16_CHOICES", "cpu_has_bf16_matmul",
+           "uses_bf16", "training_autocast", "REFERENCE_GFLOPS", "matmul_peak", "git_revision", "machine_info"]
+
+# Times are budgeted on a laptop whose 2048^3 fp32 matmul runs at this speed; a time measured here is scaled by
+# (this machine's peak / REFERENCE_GFLOPS) so that numbers from a fast and a slow (or busy) machine compare.
+REFERENCE_GFLOPS = 192.0
 
 # One lock per model object. Kept outside the module (not an attribute) so that models stay deep-copyable and
 # picklable, and the entry disappears with the model.
@@ -144,3 +158,53 @@ def training_autocast(device: torch.device, amp: bool = True, cpu_bf16: str = "o
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
         yield
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what the machine is: the one place its speed and the code's revision are measured
+# ---------------------------------------------------------------------------------------------------------------
+def matmul_peak(size: int = 2048, repeats: int = 5, device: Union[str, torch.device] = "cpu",
+                dtype: torch.dtype = torch.float32) -> float:
+    """This machine's (size x size) @ (size x size) matmul throughput right now, in GFLOP/s: the best of `repeats`
+    products after one warm-up, with the current thread count. Measured next to a timing, it says how much of the
+    machine the timed work had (a busy CPU shows a lower peak), so times scale to REFERENCE_GFLOPS."""
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(0)   # its own generator: measuring never moves a training run's random draws
+    a = torch.randn(size, size, generator=g).to(device, dtype)
+    b = torch.randn(size, size, generator=g).to(device, dtype)
+    best = math.inf
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:  # the first product is a warm-up
+            best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def git_revision() -> str:
+    """The repository's HEAD commit (with "-dirty" when tracked files differ from it), or "unknown"."""
+    root = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not rev:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info(device: Union[str, torch.device] = "cpu") -> dict:
+    """What a result was measured on: device, threads, CPU count, torch version, platform (and the GPU's name)."""
+    device = torch.device(device)
+    info = {"device": str(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "platform": platform.platform()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
