@@ -24,7 +24,7 @@ def one_torch_thread():
 # A ~1.8 M-parameter model (most of it the CLIP token-embedding table) that still learns visibly in a few hundred
 # steps on `shapes`. Every key must exist in ModelConfig / TrainConfig (apply_overrides rejects unknown keys).
 # fp32 (`cpu_bf16=off`, not the preset's "auto"): the suite's numbers must not depend on whether the CPU has AMX;
-# tests/test_runtime.py covers the bf16 path on its own.
+# tests/training/test_runtime.py covers the bf16 path on its own.
 _TINY_OVERRIDES = [
     "width=64", "encoder_depth=1", "decoder_depth=1", "num_heads=2", "latent_dim=16", "num_codebooks=4",
     "codebook_size=64", "text_width=32", "text_layers=1", "text_heads=2", "context_length=16", "batch_size=16",
@@ -134,3 +134,13 @@ def cli_run(tmp_path_factory, run_cli, tiny_set_args):
     return types.SimpleNamespace(dir=out, pristine=pristine, steps=CLI_RUN_STEPS,
                                  checkpoint_every=CLI_RUN_CHECKPOINT_EVERY, train_args=train_args, proc=proc,
                                  summary=summary, metrics=metrics)
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer():
+    """The one small trained tokenizer the tests share, loaded once per session: the bundled data/tiny-shapes (the
+    CPU recipe's model; data/README.md). In eval mode with frozen weights; a test must not change it."""
+    from unitok.data.bundled import BUNDLED_TOKENIZER
+    from unitok.tokenizer.model import UniTok
+
+    return UniTok.from_pretrained(BUNDLED_TOKENIZER).eval().requires_grad_(False)

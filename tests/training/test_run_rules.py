@@ -20,7 +20,7 @@ import torch
 import unitok  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
 from unitok import cli
 from unitok.data.bundled import BUNDLED_TOKENIZER
-from unitok.training.checkpoint import read_torch
+from unitok.checkpoint import read_torch
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ SMALL_TOKENIZER = ["width=64", "encoder_depth=1", "decoder_depth=1", "num_heads=
                    "context_length=16", "batch_size=8", "eval_images=16", "log_every=1", "eval_every=0"]
 SMALL_GENERATOR = ["width=32", "depth=1", "num_heads=2", "depth_width=32", "depth_heads=2", "batch_size=8",
                    "train_images=64", "eval_images=16", "log_every=1", "eval_every=2"]
-SMALL_MLLM = ["width=32", "depth=1", "num_heads=2", "depth_width=32", "depth_heads=2", "batch_size=8",
+SMALL_MLLM = ["width=64", "depth=1", "num_heads=2", "depth_width=32", "depth_heads=2", "batch_size=16",
               "train_images=64", "eval_images=8", "log_every=1"]
 
 
@@ -201,7 +201,9 @@ sys.exit(main(sys.argv[1:]))
 def test_sigkill_after_a_checkpoint_then_resume_gives_identical_weights(name, finished, tmp_path, subprocess_env,
                                                                          two_threads):
     run = tmp_path / "killed"
-    env = {**subprocess_env, "OMP_NUM_THREADS": "2", "UNITOK_DATA_CACHE": os.environ["UNITOK_DATA_CACHE"]}
+    # two threads in the child as in this process (torch.set_num_threads sets both OpenMP and MKL)
+    env = {**subprocess_env, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2",
+           "UNITOK_DATA_CACHE": os.environ["UNITOK_DATA_CACHE"]}
     script = KILL_AFTER_STEP.format(kill_at=CHECKPOINT_EVERY + 1)
     proc = subprocess.run([sys.executable, "-c", script, *command(name), "--out", str(run)], env=env,
                           capture_output=True, text=True, timeout=600)

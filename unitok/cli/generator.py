@@ -91,7 +91,7 @@ def _train_generator(args) -> int:
     from ..generator.codes import extract_run_codes
     from ..generator.trainer import GeneratorTrainer, generator_configs
     from ..tokenizer.model import UniTok
-    from ..training.checkpoint import tokenizer_hash
+    from ..checkpoint import tokenizer_hash
     from ..training.resume import decide_run
 
     out = Path(args.out)

@@ -63,7 +63,7 @@ def _train_mllm(args) -> int:
     from ..mllm.text import TextTokenizer
     from ..mllm.trainer import MLLMTrainer, mllm_configs
     from ..tokenizer.model import UniTok
-    from ..training.checkpoint import tokenizer_hash
+    from ..checkpoint import tokenizer_hash
     from ..training.machine import REFERENCE_GFLOPS
     from ..training.resume import decide_run
     from .common import read_json

@@ -136,11 +136,21 @@ def _export(args) -> int:
 
 
 def _convert(args) -> int:
-    """The released UniTok checkpoint (a .pth file or a hub repo id) -> config.json + model.safetensors."""
-    from ..tokenizer.reference import convert
+    """The released UniTok checkpoint (a .pth file or a hub repo id) -> config.json + model.safetensors (what
+    `UniTok.from_pretrained` reads). A non-empty folder is refused unless --overwrite (its old contents are moved
+    aside, not deleted); the files are written into a temporary sibling renamed into place at the end, so an
+    interrupted conversion never leaves a half-written model."""
+    from ..tokenizer.reference import load_reference
+    from ..training.runs import staged_folder
 
     overrides = {"projection_causal": True} if args.causal else {}
-    out = convert(args.reference, args.out_dir, overwrite=args.overwrite, **overrides)
+    out = Path(args.out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:  # before loading
+        raise ValueError(f"{out} exists and is not an empty folder; choose another folder or pass --overwrite "
+                         f"(the old contents are moved aside, not deleted)")
+    model = load_reference(args.reference, **overrides)
+    with staged_folder(out, overwrite=args.overwrite) as tmp:
+        model.save_pretrained(tmp)
     config = json.loads((out / "config.json").read_text())
     print(f"converted {args.reference} -> {out} ({config['encoder']}, {config['encoder_depth']}+"
           f"{config['decoder_depth']} blocks, {config['image_size']} px, {config['num_codebooks']} x "

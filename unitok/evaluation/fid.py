@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ..training.checkpoint import load_state_dict_by_position, read_torch  # noqa: E402
+from ..checkpoint import load_state_dict_by_position, read_torch  # noqa: E402
 from ..training.machine import model_device  # noqa: E402
 
 __all__ = ["EfficientNetLite0Features", "InceptionFeatures", "FIDAccumulator", "fid"]

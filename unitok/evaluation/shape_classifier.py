@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..data.files import default_cache_dir
 from ..data.shapes_dataset import ShapesDataset
-from ..training.checkpoint import atomic_write, load_state_dict_checked, read_torch
+from ..checkpoint import atomic_write, load_state_dict_checked, read_torch
 
 
 class ShapeClassifier(nn.Module):

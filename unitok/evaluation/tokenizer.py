@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
-from ..training.checkpoint import atomic_write
+from ..checkpoint import atomic_write
 from .codebook_stats import codebook_stats
 from ..tokenizer.config import ModelConfig
 from ..data.images import make_grid_image

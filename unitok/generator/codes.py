@@ -19,7 +19,7 @@ import torch
 from ..data.datasets import build_dataset
 from ..data.files import default_cache_dir
 from ..data.shapes_dataset import ShapesDataset
-from ..training.checkpoint import atomic_write, read_torch, tokenizer_hash
+from ..checkpoint import atomic_write, read_torch, tokenizer_hash
 
 PLAIN_CODES = ("tokenizer", "background", "plain")   # GeneratorTrainConfig.plain_codes, `blank_plain_codes`
 

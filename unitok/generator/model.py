@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ..tokenizer.projection import build_projection
-from ..training.checkpoint import load_state_dict_checked
+from ..checkpoint import load_state_dict_checked
 from ..transformer.causal import CausalTransformer
 from ..transformer.code_head import CodeClassifier
 from ..transformer.code_input import code_vectors, embed_codebooks, image_projector

@@ -25,7 +25,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from ..training.checkpoint import tokenizer_hash
+from ..checkpoint import tokenizer_hash
 from ..tokenizer.config import coerce_value, split_override
 from ..data.shapes_dataset import ShapesDataset
 from .codes import PLAIN_CODES, CodeSet, extract_run_codes

@@ -49,7 +49,7 @@ from timm.layers import trunc_normal_
 
 from ..tokenizer.codes import check_codes
 from ..tokenizer.projection import build_projection
-from ..training.checkpoint import atomic_write, load_state_dict_checked
+from ..checkpoint import atomic_write, load_state_dict_checked
 from ..transformer.causal import CausalTransformer
 from ..transformer.code_input import code_vectors, image_projector
 from ..transformer.depth_head import DepthHead
@@ -234,7 +234,10 @@ class UnifiedModel(nn.Module):
         nxt = rel + 1                                                     # slot whose successor is image pos nxt
         has_next = (nxt >= 0) & (nxt < N)
         if has_next.any():
-            x = x + torch.where(has_next[..., None], self.next_embed[nxt.clamp(0, N - 1)], x.new_zeros(()))
+            # F.embedding, not next_embed[index]: the backward of advanced indexing accumulates in an order that
+            # varies from run to run on a multi-core CPU; the embedding's backward is repeatable
+            nxt_embed = F.embedding(nxt.clamp(0, N - 1), self.next_embed)
+            x = x + torch.where(has_next[..., None], nxt_embed, x.new_zeros(()))
         return x
 
     def forward(self, batch: dict) -> MLLMOutput:

@@ -20,7 +20,7 @@ import torch
 from ..data.files import default_cache_dir
 from ..data.shapes_dataset import ShapesDataset
 from ..data.scene_text import scene_record
-from ..training.checkpoint import atomic_write, read_torch, tokenizer_hash
+from ..checkpoint import atomic_write, read_torch, tokenizer_hash
 
 
 @dataclass

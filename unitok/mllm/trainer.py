@@ -24,7 +24,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from ..training.checkpoint import tokenizer_hash
+from ..checkpoint import tokenizer_hash
 from ..tokenizer.config import coerce_value, split_override
 from ..data.scene_text import QUESTION_TYPES, canonical_caption, fit_prompt, make_question, t2i_prompt, text_corpus
 from ..evaluation.mllm_scores import evaluate_t2i, evaluate_understanding

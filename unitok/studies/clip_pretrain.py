@@ -141,7 +141,7 @@ def pretrained_clip(spec: dict, root: Path, model_config, train_config, train_da
     """The pre-trained CLIP for a clip-initialised tokenizer: trained once per (config, seed) into its own folder."""
     from safetensors.torch import load_file, save_file
 
-    from ..training.checkpoint import atomic_write
+    from ..checkpoint import atomic_write
     from ..tokenizer.config import apply_overrides, Preset
     from ..training.runs import atomic_write_text, claim_run_folder
 

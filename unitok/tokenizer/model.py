@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from timm.layers import GluMlp, Mlp, PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 
-from ..training.checkpoint import atomic_write, load_state_dict_checked, read_safetensors
+from ..checkpoint import atomic_write, load_state_dict_checked, read_safetensors
 from .config import ModelConfig, from_dict, get_preset
 from .projection import build_projection
 from .quantizer import MultiCodebookQuantizer, QuantizerOutput

@@ -303,7 +303,7 @@ def load_reference(path_or_repo: PathLike = REFERENCE_REPO, map_location: str = 
 
     overrides: ModelConfig fields to change, e.g. `projection_causal=True` for the Feb-2025 release.
     Strict: any key left over or missing, or any shape that differs, is a ValueError listing them all."""
-    from ..training.checkpoint import load_state_dict_checked
+    from ..checkpoint import load_state_dict_checked
 
     path = resolve_reference(path_or_repo)
     args, state = read_reference(path)
@@ -315,25 +315,6 @@ def load_reference(path_or_repo: PathLike = REFERENCE_REPO, map_location: str = 
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     return model.to(map_location).eval()
-
-
-def convert(src: PathLike, out_dir: PathLike, overwrite: bool = False, **overrides) -> Path:
-    """Write the reference checkpoint as `config.json` + `model.safetensors` (what `UniTok.from_pretrained` reads).
-
-    A non-empty `out_dir` is refused unless `overwrite` (then its old contents are moved aside, not deleted); the
-    files are written into a temporary folder next to it that is renamed into place at the end, so an interrupted
-    conversion never leaves a half-written model.
-    """
-    from ..training.runs import staged_folder
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:  # before loading
-        raise ValueError(f"{out_dir} exists and is not an empty folder; choose another folder or pass --overwrite "
-                         f"(the old contents are moved aside, not deleted)")
-    model = load_reference(src, **overrides)
-    with staged_folder(out_dir, overwrite=overwrite) as tmp:  # a temporary sibling, renamed into place at the end
-        model.save_pretrained(tmp)
-    return out_dir
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from .checkpoint import read_torch
+from ..checkpoint import read_torch
 from .runs import holds_run, prepare_run_folder
 
 __all__ = ["MAY_CHANGE_ON_RESUME", "RunPlan", "ResumeConflictError", "decide_run", "config_conflicts",

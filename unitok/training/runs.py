@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-from .checkpoint import atomic_write
+from ..checkpoint import atomic_write
 
 PathLike = Union[str, os.PathLike]
 

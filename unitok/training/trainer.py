@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .checkpoint import atomic_write, load_state_dict_checked, read_torch
+from ..checkpoint import atomic_write, load_state_dict_checked, read_torch
 from .machine import REFERENCE_GFLOPS, matmul_peak, model_lock, pick_device, training_autocast, uses_bf16
 from .runs import RunLock, atomic_write_text, prepare_run_folder
 

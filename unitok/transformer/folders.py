@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ..training.checkpoint import atomic_write, tokenizer_hash
+from ..checkpoint import atomic_write, tokenizer_hash
 
 PathLike = Union[str, os.PathLike]
 

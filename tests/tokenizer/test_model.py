@@ -17,7 +17,7 @@ import unitok  # noqa: F401  (first: makes torchvision importable on CPU-only to
 from unitok import AttnProjection, LinearProjection, ModelConfig, UniTok, UniTokOutput, get_preset
 from unitok.tokenizer.config import Preset, TrainConfig, apply_overrides, from_dict
 from unitok.training.losses import UniTokLoss
-from unitok.training.checkpoint import load_state_dict_checked
+from unitok.checkpoint import load_state_dict_checked
 from unitok.tokenizer.projection import ProjectionAttention, build_projection
 
 CAPTIONS = ["a red circle", "a small blue square on the left"]

@@ -20,7 +20,7 @@ nbclient = pytest.importorskip("nbclient")
 
 pytestmark = pytest.mark.notebook
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 OURS = ["00_quickstart", "01_train_step_by_step", "02_codebook_utilization", "03_reconstructions",
@@ -207,7 +207,7 @@ def test_notebook_is_a_lab_manual_stored_clean(name):
     assert nb.cells[-1].cell_type == "markdown" and "## Exercises" in nb.cells[-1].source, \
         f"{name}: end with an Exercises section"
     assert not any(line.lstrip().startswith("assert ") for c in code for line in c.source.splitlines()), \
-        f"{name}: checks belong in tests/test_notebooks.py (CHECKS), not in the notebook"
+        f"{name}: checks belong in tests/notebooks/test_notebooks.py (CHECKS), not in the notebook"
     assert name in CHECKS
 
 

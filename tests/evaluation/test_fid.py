@@ -11,7 +11,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from unitok.evaluation import fid as FID  # noqa: E402
-from unitok.training.checkpoint import load_state_dict_by_position  # noqa: E402
+from unitok.checkpoint import load_state_dict_by_position  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------

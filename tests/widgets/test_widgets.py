@@ -414,7 +414,7 @@ def test_reconstruction_viewer_ablation_and_compare(model, other_model, dataset)
     assert_figure(viewer.static_figure())
 
 
-TRAINED = Path(__file__).resolve().parents[1] / "data" / "tiny-shapes"
+TRAINED = Path(__file__).resolve().parents[2] / "data" / "tiny-shapes"
 
 
 @pytest.mark.skipif(not (TRAINED / "model.safetensors").exists(), reason="no bundled trained checkpoint")

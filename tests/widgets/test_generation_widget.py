@@ -20,7 +20,7 @@ from unitok.generator.model import TokenGenerator  # noqa: E402
 from unitok.tokenizer.model import UniTok  # noqa: E402
 from unitok_widgets import GenerationExplorer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(width=32, depth=1, num_heads=2, depth_width=32, depth_layers=1, depth_heads=2)
 
 

@@ -15,22 +15,20 @@ import torch
 from unitok.data.shapes_dataset import ShapesDataset
 from unitok.generator.config import GeneratorConfig
 from unitok.generator.model import TokenGenerator
-from unitok.training.checkpoint import tokenizer_hash
+from unitok.checkpoint import tokenizer_hash
 from unitok.transformer.sampling import guided_logits, keep_best_aligned
 from unitok.evaluation.generator_scores import pair_prompts
 from unitok.generator.codes import blank_plain_codes, extract_codes, plain_colour_mask
 from unitok.generator.noise import code_neighbours, corrupt_codes, mix_own_draws, self_feed_share
 from unitok.generator.trainer import GeneratorTrainConfig, GeneratorTrainer, apply_generator_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(width=32, depth=2, num_heads=2, depth_width=32, depth_layers=1, depth_heads=2)
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from unitok.tokenizer.model import UniTok
-
-    return UniTok.from_pretrained(ROOT / "data" / "tiny-shapes").eval()
+def tokenizer(small_tokenizer):
+    return small_tokenizer
 
 
 def _randomise_head(gen: TokenGenerator) -> TokenGenerator:

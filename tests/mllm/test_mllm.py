@@ -16,7 +16,7 @@ from unitok.mllm.tasks import SceneSet, encode_scenes
 from unitok.mllm.trainer import MLLMTrainer, MLLMTrainConfig, apply_mllm_overrides
 from unitok.tokenizer.model import UniTok
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT / "data" / "tiny-shapes"
 BUNDLED = ROOT / "data" / "tiny-mllm"
 SMALL = dict(width=32, depth=2, num_heads=2, depth_width=32, depth_layers=1, depth_heads=2, caption_tokens=12,
@@ -24,8 +24,8 @@ SMALL = dict(width=32, depth=2, num_heads=2, depth_width=32, depth_layers=1, dep
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return UniTok.from_pretrained(TOKENIZER)
+def tok(small_tokenizer):
+    return small_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from unitok import cli
 from unitok.training.runs import RunFolderError, RunLock, claim_run_folder, holds_run, staged_folder
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 def _digest(folder: Path) -> dict:
     """{relative path: sha256} of every file under `folder`: equal digests = nothing was touched."""
