@@ -16,6 +16,7 @@ import torch
 
 import ipywidgets as W
 
+from unitok.tokenizer.codes import count_codes
 from unitok.training.machine import eval_mode, model_device, model_lock  # noqa: F401  (re-exported for the views)
 
 # Background threads (training, UMAP) may import modules while the main thread updates plotly figures. plotly looks
@@ -259,9 +260,9 @@ def encode_images(model, images: torch.Tensor, batch_size: int = 128) -> torch.T
 
 
 def code_counts(codes: torch.Tensor, codebook_size: int) -> np.ndarray:
-    """codes (..., k) -> (k, K) int64 counts per code of each sub-codebook."""
-    flat = codes.reshape(-1, codes.shape[-1]).long().cpu().numpy()
-    return np.stack([np.bincount(flat[:, i], minlength=codebook_size) for i in range(flat.shape[1])])
+    """codes (..., k) -> (k, K) int64 counts per code of each sub-codebook, as numpy for plotting (the library's one
+    counter, `unitok.tokenizer.codes.count_codes`)."""
+    return count_codes(codes.long(), codebook_size).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -80,10 +80,11 @@ def read_run_config(folder: Path) -> dict:
                                   f"writes") from None
 
 
-def saved_step(folder: Path) -> int:
-    """The step a run folder's checkpoint holds (0 when it has none): the one place a resume reads it."""
+def saved_step(folder: Path) -> Optional[int]:
+    """The step a run folder's checkpoint holds (None when it has none): the one place it is read, by the resume
+    decision and by a trainer's messages (the trainer's `load_checkpoint` restores it with everything else)."""
     path = Path(folder) / "checkpoint.pt"
-    return int(read_torch(path, "the run's checkpoint")["step"]) if path.exists() else 0
+    return int(read_torch(path, "the run's checkpoint")["step"]) if path.exists() else None
 
 
 def _plain(value):
@@ -133,7 +134,7 @@ def decide_run(folder, *, resume: bool, overwrite: bool, command: str,
             raise ResumeConflictError(
                 f"--resume conflicts with the run saved in {folder}: " + "; ".join(conflicts)
                 + ". Drop these options to continue that run, or use another --out to start a new one")
-        return RunPlan(folder, True, saved, saved_step(folder), int(want["train"]["steps"]), command)
+        return RunPlan(folder, True, saved, saved_step(folder) or 0, int(want["train"]["steps"]), command)
     plan = RunPlan(folder, False, None, 0, 0, command)
     if resume:
         print(f"note: {folder} has no run to resume; starting a new one", file=sys.stderr)

@@ -54,6 +54,7 @@ import torch.nn as nn
 
 from ..checkpoint import atomic_write, load_state_dict_checked, read_torch
 from .machine import REFERENCE_GFLOPS, matmul_peak, model_lock, pick_device, training_autocast, uses_bf16
+from .resume import saved_step
 from .runs import RunLock, atomic_write_text, prepare_run_folder
 
 __all__ = ["TrainerBase", "NonFiniteLossError", "StepBatchSampler", "lr_at", "seed_everything",
@@ -336,7 +337,8 @@ class TrainerBase:
         terms = self.loss_terms(batch)
         values = torch.stack([t.detach().float() for t in terms.values()]).tolist()  # one host sync per step
         logged = dict(zip(terms.keys(), values))
-        bad = [name for name, v in logged.items() if not math.isfinite(v)]
+        # the terms first, the total last: the message names the term that went wrong
+        bad = sorted((name for name, v in logged.items() if not math.isfinite(v)), key=lambda name: name == "loss")
         self.optimizer.zero_grad(set_to_none=True)
         if bad:
             raise NonFiniteLossError(self.non_finite_message(bad[0], logged[bad[0]], bad))
@@ -442,9 +444,7 @@ class TrainerBase:
 
     def last_checkpoint_step(self) -> Optional[int]:
         """The step saved in out_dir/checkpoint.pt, or None when there is none."""
-        if self.out_dir is None or not (self.out_dir / "checkpoint.pt").exists():
-            return None
-        return int(read_torch(self.out_dir / "checkpoint.pt")["step"])
+        return saved_step(self.out_dir) if self.out_dir is not None else None
 
     def load_checkpoint(self, path: Union[str, Path]) -> None:
         """Restore everything `save_checkpoint` wrote; the next step continues exactly where it left off. Log lines
