@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from unitok import UniTok, get_preset
 from unitok.data.shapes_dataset import ShapesDataset
 from unitok.training.losses import UniTokLoss, hard_negative_loss
-from unitok.training.tokenizer_trainer import StepBatchSampler, Trainer
+from unitok.training.tokenizer_trainer import Trainer
+from unitok.training.trainer import StepBatchSampler
 
 SMALL = dict(width=32, encoder_depth=1, decoder_depth=1, num_heads=2, latent_dim=16, num_codebooks=4,
              codebook_size=32, text_width=32, text_layers=1, text_heads=2, context_length=16)

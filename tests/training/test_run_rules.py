@@ -165,6 +165,13 @@ def test_a_conflicting_resume_is_refused_with_every_conflict(name, run_copy, cap
 
 
 @pytest.mark.parametrize("name", TRAINERS)
+def test_an_unknown_setting_fails_in_one_line_before_the_folder_exists(name, tmp_path, capsys):
+    code, _, err = call(*command(name), "--set", "no_such_key=1", "--out", tmp_path / "new", capsys=capsys)
+    assert code == 2 and "unknown setting 'no_such_key'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("name", TRAINERS)
 def test_the_same_command_plus_resume_continues_it(name, run_copy, two_threads, capsys):
     run = run_copy(name)
     code, _, err = call(*command(name, STEPS + 2), "--out", run, "--resume", capsys=capsys)

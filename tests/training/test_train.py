@@ -25,7 +25,8 @@ from unitok import cli
 from unitok.tokenizer.config import TrainConfig, apply_overrides, get_preset
 from unitok.data.datasets import build_datasets
 from unitok.evaluation.tokenizer import evaluate_model
-from unitok.training.tokenizer_trainer import NonFiniteLossError, StepBatchSampler, Trainer, lr_at
+from unitok.training.tokenizer_trainer import Trainer
+from unitok.training.trainer import NonFiniteLossError, StepBatchSampler, lr_at
 
 TRAIN_STEPS = 200
 LOSS_TERMS = ("loss", "l1", "l2", "vq", "clip")

@@ -88,6 +88,8 @@ def add_generator_commands(sub) -> None:
 
 
 def _train_generator(args) -> int:
+    from ..evaluation.generator_scores import evaluate_samples
+    from ..evaluation.shape_classifier import load_shape_classifier
     from ..generator.codes import extract_run_codes
     from ..generator.trainer import GeneratorTrainer, generator_configs
     from ..tokenizer.model import UniTok
@@ -103,7 +105,7 @@ def _train_generator(args) -> int:
     tokenizer = UniTok.from_pretrained(args.tokenizer)
     digest = tokenizer_hash(tokenizer)
 
-    def requested(saved: dict) -> dict:   # what this command line asks of the run it resumes
+    def requested(saved) -> dict:   # what this command line asks for (of the run it resumes, when saved)
         gen, train = generator_configs(tokenizer, "shapes", args.preset, overrides, saved=saved)
         return {"generator": dataclasses.asdict(gen), "train": dataclasses.asdict(train),
                 "data": {"name": "shapes", "tokenizer_sha256": digest}}

@@ -79,7 +79,7 @@ def _train_mllm(args) -> int:
     tokenizer = UniTok.from_pretrained(tok_path)
     digest = tokenizer_hash(tokenizer)
 
-    def requested(saved: dict) -> dict:   # what this command line asks of the run it resumes
+    def requested(saved) -> dict:   # what this command line asks for (of the run it resumes, when saved)
         model_cfg, train = mllm_configs(tokenizer, args.preset, overrides, saved=saved)
         return {"mllm": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train),
                 "data": {"name": "shapes", "tokenizer_sha256": digest}}

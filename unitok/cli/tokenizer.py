@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -39,8 +38,9 @@ def _train(args) -> int:
         return Preset(from_dict(ModelConfig, saved["model"], "the run's config.json"),
                       from_dict(TrainConfig, saved["train"], "the run's config.json"))
 
-    def requested(saved: dict) -> dict:   # what this command line asks of the run it resumes
-        preset = apply_overrides(get_preset(args.preset) if args.preset else saved_preset(saved), overrides)
+    def requested(saved) -> dict:   # what this command line asks for (of the run it resumes, when saved)
+        base = get_preset(args.preset or "tiny") if args.preset or saved is None else saved_preset(saved)
+        preset = apply_overrides(base, overrides)
         data = {k: v for k, v in (("name", args.data), ("path", args.data_path)) if v is not None}
         return {"model": to_dict(preset.model), "train": to_dict(preset.train), "data": data}
 

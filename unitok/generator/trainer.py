@@ -48,7 +48,7 @@ class GeneratorTrainConfig:
     betas: tuple = (0.9, 0.95)
     weight_decay: float = 0.05
     eps: float = 1e-8
-    warmup_fraction: float = 0.05     # linear warm-up, then cosine to min_lr_ratio * lr (unitok.training.tokenizer_trainer.lr_at)
+    warmup_fraction: float = 0.05     # linear warm-up, then cosine to min_lr_ratio * lr (unitok.training.trainer.lr_at)
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0

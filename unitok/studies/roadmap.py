@@ -33,7 +33,7 @@ from typing import Callable
 
 from ..training.machine import REFERENCE_GFLOPS, git_revision, machine_info, matmul_peak
 from .metrics import plot_data
-from .spec import Setting, Study, spec_hash, tokenizer_spec
+from .spec import Setting, Study, spec_hash, tokenizer_spec, trained_tokenizer
 
 __all__ = ["ROADMAP", "ROADMAP_STUDY", "mllm_spec", "run_mllm_task", "plot_roadmap"]
 
@@ -76,18 +76,12 @@ def mllm_spec(scale, setting, seed: int) -> dict:
 def run_mllm_task(task, out: Path, run_dir: Path, log: Callable) -> dict:
     """Train and measure the unified model of one roadmap cell on its (already trained) tokenizer."""
     from ..mllm.trainer import MLLMTrainer
-    from ..tokenizer.model import UniTok
     from ..training.runs import atomic_write_text
-    from ..training.machine import pick_device
 
     spec = task.spec
-    tok_dir = out / "runs" / spec["tokenizer_key"] / "best"
-    if not (tok_dir / "model.safetensors").is_file():
-        raise ValueError(f"the tokenizer run {tok_dir.parent} has no weights; expected it to be trained first")
-    device = pick_device(spec["tokenizer"]["train"]["device"])
-    peak = matmul_peak(device=device)
     start = time.perf_counter()
-    tokenizer = UniTok.from_pretrained(tok_dir, map_location=str(device))
+    tok_dir, device, tokenizer = trained_tokenizer(out, spec)
+    peak = matmul_peak(device=device)
     overrides = ["cpu_bf16=off", f"steps={spec['steps']}", f"seed={spec['seed']}", "eval_every=0", "t2i_weight=0",
                  f"checkpoint_every={max(10, spec['steps'] // 3)}", f"train_images={spec['train_images']}",
                  f"eval_images={spec['eval_images']}", f"device={spec['tokenizer']['train']['device']}",

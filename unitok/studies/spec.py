@@ -138,3 +138,16 @@ def read_json(path: Path) -> Optional[dict]:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def trained_tokenizer(out: Path, spec: dict) -> tuple:
+    """A consumer task's tokenizer: the best weights of its tokenizer run (trained first by the runner), loaded on
+    the run's device -> (folder, device, UniTok). A missing run is a one-line error."""
+    from ..tokenizer.model import UniTok
+    from ..training.machine import pick_device
+
+    folder = out / "runs" / spec["tokenizer_key"] / "best"
+    if not (folder / "model.safetensors").is_file():
+        raise ValueError(f"the tokenizer run {folder.parent} has no weights; expected it to be trained first")
+    device = pick_device(spec["tokenizer"]["train"]["device"])
+    return folder, device, UniTok.from_pretrained(folder, map_location=str(device))

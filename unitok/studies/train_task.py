@@ -22,7 +22,7 @@ from ..training.machine import REFERENCE_GFLOPS, git_revision, machine_info, mat
 from .clip_pretrain import pretrained_clip
 from .metrics import headline_metrics
 from .roadmap import run_mllm_task
-from .spec import Task, read_json
+from .spec import Task, read_json, trained_tokenizer
 
 __all__ = ["run_task", "GENERATOR_STUDY_SETTINGS"]
 
@@ -122,18 +122,12 @@ def _run_generator(task: Task, out: Path, run_dir: Path, log: Callable) -> dict:
                          "installation does not have; run the other studies") from None
     from ..evaluation.generator_scores import evaluate_samples
     from ..evaluation.shape_classifier import load_shape_classifier
-    from ..tokenizer.model import UniTok
     from ..training.runs import atomic_write_text
-    from ..training.machine import pick_device
 
     spec = task.spec
-    tok_dir = out / "runs" / spec["tokenizer_key"] / "best"
-    if not (tok_dir / "model.safetensors").is_file():
-        raise ValueError(f"the tokenizer run {tok_dir.parent} has no weights; expected it to be trained first")
-    device = pick_device(spec["tokenizer"]["train"]["device"])
-    peak = matmul_peak(device=device)
     start = time.perf_counter()
-    tokenizer = UniTok.from_pretrained(tok_dir, map_location=str(device))
+    tok_dir, device, tokenizer = trained_tokenizer(out, spec)
+    peak = matmul_peak(device=device)
     overrides = [*GENERATOR_STUDY_SETTINGS, f"steps={spec['steps']}", f"seed={spec['seed']}", "eval_every=0",
                  f"checkpoint_every={max(10, spec['steps'] // 3)}", f"train_images={spec['train_images']}",
                  f"eval_images={spec['eval_images']}", f"device={spec['tokenizer']['train']['device']}"]

@@ -403,5 +403,5 @@ def preprocess(images, image_size: int = 256, resize_ratio: float = 1.125) -> to
 
 
 __all__ = ["REFERENCE_REPO", "REFERENCE_FILE", "EXTERNAL_REPO", "ENV_VAR", "resolve_reference", "find_reference",
-           "read_reference", "config_from_reference", "reference_to_state_dict", "load_reference", "convert",
+           "read_reference", "config_from_reference", "reference_to_state_dict", "load_reference",
            "to_reference_checkpoint", "codes_to_reference", "codes_from_reference", "preprocess"]

@@ -115,11 +115,11 @@ def config_conflicts(saved: dict, requested: dict, may_change=MAY_CHANGE_ON_RESU
 
 
 def decide_run(folder, *, resume: bool, overwrite: bool, command: str,
-               requested: Callable[[dict], dict], is_main: bool = True, note: str = "") -> RunPlan:
+               requested: Callable[[Optional[dict]], dict], is_main: bool = True, note: str = "") -> RunPlan:
     """Decide, before anything is built or written, what a training command does with `folder`.
 
-    requested(saved) -> the run config the command line asks for, given the saved run's config.json (called only
-    when resuming); it must hold "train": {"steps": ...}. Raises ResumeConflictError listing every conflicting setting, or
+    requested(saved) -> the run config the command line asks for, given the saved run's config.json (None for a new
+    run: then it checks the settings before anything is written); it must hold "train": {"steps": ...}. Raises ResumeConflictError listing every conflicting setting, or
     `RunFolderError` when the folder holds a run and neither resume nor overwrite was asked. A new run's folder is
     prepared here (an old run moved aside under overwrite), on rank 0 only."""
     folder = Path(folder)
@@ -135,7 +135,8 @@ def decide_run(folder, *, resume: bool, overwrite: bool, command: str,
                 f"--resume conflicts with the run saved in {folder}: " + "; ".join(conflicts)
                 + ". Drop these options to continue that run, or use another --out to start a new one")
         return RunPlan(folder, True, saved, saved_step(folder) or 0, int(want["train"]["steps"]), command)
-    plan = RunPlan(folder, False, None, 0, 0, command)
+    # a new run: the settings are checked (a bad --set fails here) before the folder is created or claimed
+    plan = RunPlan(folder, False, None, 0, int(requested(None)["train"]["steps"]), command)
     if resume:
         print(f"note: {folder} has no run to resume; starting a new one", file=sys.stderr)
     if is_main:

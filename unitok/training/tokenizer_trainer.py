@@ -32,7 +32,7 @@ from ..tokenizer.model import UniTok
 from .discriminator import AdversarialLoss, build_lpips, check_loss_weights
 from .losses import UniTokLoss
 from .machine import REFERENCE_GFLOPS
-from .trainer import NonFiniteLossError, StepBatchSampler, TrainerBase, lr_at, seed_everything  # noqa: F401
+from .trainer import StepBatchSampler, TrainerBase
 
 LOSS_TERMS = ("l1", "l2", "vq", "clip")
 
