@@ -102,16 +102,18 @@ def main(argv=None):
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=64, help="images per step (the recipe's: 64)")
     args = ap.parse_args(argv)
-    settings = {"before": Step(args.preset, fused=False, image_head_depth=0), "fp32": Step(args.preset, fused=True),
-                "bf16": Step(args.preset, fused=True, cpu_bf16="on")}
+    settings = {"before": Step(args.preset, fused=False, image_head_depth=0, batch=args.batch),
+                "fp32": Step(args.preset, fused=True, batch=args.batch),
+                "bf16": Step(args.preset, fused=True, cpu_bf16="on", batch=args.batch)}
     peaks, results = [matmul_peak()], {}
     for name, step in settings.items():
         results[name] = profile_steps(step, args.steps, args.top)
         peaks.append(matmul_peak())
     peak = statistics.median(peaks)
     scale = peak / REFERENCE_PEAK
-    print(f"{args.preset}, batch 64, {torch.get_num_threads()} threads; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s "
+    print(f"{args.preset}, batch {args.batch}, {torch.get_num_threads()} threads; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s "
           f"(median of {len(peaks)}); 'scaled' = at {REFERENCE_PEAK / 1e9:.0f} GFLOP/s")
     for name, r in results.items():
         print(f"\n{name}: median step {r['step_ms']:.0f} ms wall, {r['step_ms'] * scale:.0f} ms scaled")

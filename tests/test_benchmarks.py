@@ -43,7 +43,7 @@ def test_throughput_benchmark_prints_peak_ratio_for_fp32_and_bf16():
 
 
 def test_step_profile_splits_each_setting_into_regions_and_compares_them():
-    out = run("benchmarks/step_profile.py", "--steps", "1", "--top", "3")
+    out = run("benchmarks/step_profile.py", "--steps", "1", "--top", "3", "--batch", "8")
     for name in ("before", "fp32", "bf16"):
         block = out.split(f"\n{name}: median step", 1)[1].split("top operators", 1)[0]
         shares = [float(v) for v in re.findall(r"ms scaled +(\S+) %", block)]

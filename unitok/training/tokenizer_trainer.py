@@ -134,8 +134,11 @@ class Trainer(TrainerBase):
         texts = list(batch["caption"]) if self.model_config.clip_weight else None
         if texts is not None and self.model_config.hard_negative_weight and "negative_caption" in batch:
             texts += list(batch["negative_caption"])  # the loss reads rows B.. as one hard negative per image
+        # token ids, not strings, enter the forward pass: a compiled forward would guard on every caption's text
+        # and recompile at every step
+        ids = self.model.tokenize(texts).to(self.device) if texts is not None else None
         with self.autocast():
-            out = self.train_model(images, texts)
+            out = self.train_model(images, ids)
         terms = self.loss_fn(out, images)
         if self.adversarial is not None:  # GAN term with the adaptive weight on the decoder's last layer
             terms = self.adversarial.generator_terms(terms, out.reconstruction, self.model.last_decoder_layer,
