@@ -40,8 +40,9 @@ data:
 		echo "note: could not install dataset-fashion-mnist; unitok will use torchvision's download instead"; \
 	fi
 
+# One pytest worker per core (pytest-xdist; a test file stays on one worker): the tests run one torch thread each.
 test: venv
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15 tests
 
 # JupyterLab on 127.0.0.1 with a token (JUPYTER_TOKEN, or a fresh random one printed in the URL below).
 lab: $(LAB_STAMP)

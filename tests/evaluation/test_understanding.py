@@ -103,8 +103,8 @@ def test_trainer_appends_the_hard_negatives_and_the_loss_weighs_them():
                                                           "hard_negative_weight=0.5"]
     trainer = Trainer.from_preset("tiny", data="shapes", overrides=overrides)
     seen = []
-    original = trainer.model.encode_text
-    trainer.model.encode_text = lambda texts: (seen.append(list(texts)), original(texts))[1]
+    original = trainer.model.tokenize      # the trainer tokenizes the captions before the forward pass
+    trainer.model.tokenize = lambda texts: (seen.append(list(texts)), original(texts))[1]
     metrics = trainer.step()
     indices = StepBatchSampler(len(trainer.train_data), 4, trainer.config.seed).indices_for_step(0)
     items = [trainer.train_data[i] for i in indices]
