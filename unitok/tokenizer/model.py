@@ -279,7 +279,11 @@ class UniTok(nn.Module):
         """(B, N, width) -> (B, width) by the config's `image_pool`. The reference takes the mean; "max" keeps
         the strongest response of each channel wherever it occurs, so a small object is not averaged away by
         the background tokens around it (docs/cpu_recipe.md: on shapes it learns shape several times faster)."""
-        return tokens.amax(1) if self.config.image_pool == "max" else tokens.mean(1)
+        if self.config.image_pool == "max":
+            # in fp32: the same maximum (exact), and under bf16 autocast the compiled backward then finds the maximum
+            # again (in bf16 its mask of "which token was the max" could come out empty: 0 / 0 = NaN gradients)
+            return tokens.float().amax(1)
+        return tokens.mean(1)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images -> (B, E) unit-norm CLIP feature computed from the *quantized* tokens."""
@@ -321,7 +325,10 @@ class UniTok(nn.Module):
             raise ValueError(f"token ids must be an integer tensor (B, {cfg.context_length}), got "
                              f"{ids.dtype} {tuple(ids.shape)}")
         device = self.logit_scale.device
-        if ids.device.type != "meta" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
+        # (the range check reads the ids back to the host: a compiled training forward, whose ids come from
+        # `tokenize`, skips it rather than break its graph at every step)
+        if (not torch.compiler.is_compiling() and ids.device.type != "meta" and ids.numel()
+                and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size)):
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
         return F.normalize(self.text_encoder(ids.to(device)), dim=-1)
 
