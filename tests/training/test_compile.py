@@ -25,14 +25,17 @@ def _losses(tiny_overrides, compile_: bool):
     for _ in range(STEPS):
         losses.append(trainer.step()["loss"])
         graphs.append(counters["stats"]["unique_graphs"])
-    return losses, graphs
+    return losses, graphs, trainer
 
 
 def test_compiled_training_equals_eager_and_does_not_recompile(tiny_overrides):
     torch._dynamo.reset()
-    eager, _ = _losses(tiny_overrides, False)
-    compiled, graphs = _losses(tiny_overrides, True)
+    eager, _, _ = _losses(tiny_overrides, False)
+    compiled, graphs, trainer = _losses(tiny_overrides, True)
     assert graphs[0] > 0 and graphs[1:] == [graphs[0]] * (STEPS - 1), f"graphs compiled after each step: {graphs}"
     assert math.isclose(compiled[0], eager[0], rel_tol=1e-4), (compiled[0], eager[0])
     for c, e in zip(compiled, eager):
         assert math.isclose(c, e, rel_tol=1e-3), (compiled, eager)
+    # the first steps are shown and timed as compilation, not as training
+    assert [m["compiling"] for m in trainer.history] == [True, True] + [False] * (STEPS - 2)
+    assert trainer.compile_seconds > 0 and trainer.train_seconds > 0

@@ -79,6 +79,7 @@ class GeneratorTrainConfig:
     eval_every: int = 250
     checkpoint_every: int = 250
     log_every: int = 10
+    compile: bool = False             # torch.compile the training forward (the trainer base applies it)
     device: str = "auto"
     amp: bool = True                  # bf16 autocast on CUDA
     cpu_bf16: str = "auto"            # CPU: "off" (fp32), "on" or "auto" (bf16 where the CPU has AMX: 1.5x faster)

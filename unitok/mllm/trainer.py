@@ -63,6 +63,7 @@ class MLLMTrainConfig:
     eval_every: int = 0                # 0: evaluate only at the end (greedy decoding is not cheap)
     checkpoint_every: int = 250
     log_every: int = 10
+    compile: bool = False             # torch.compile the training forward (the trainer base applies it)
     device: str = "auto"
     amp: bool = True                   # bf16 autocast on CUDA
     cpu_bf16: str = "auto"             # CPU: "off" (fp32), "on" or "auto" (bf16 where the CPU has AMX: 1.5x faster)

@@ -267,3 +267,11 @@ def staged_folder(dest: PathLike, *, overwrite: bool = False, source: Optional[P
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_log_if_changed(path: Path, rows) -> None:
+    """Make a JSON-lines log hold exactly `rows`; the file is left untouched (bytes and time) when it already does."""
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if path.exists() and path.read_text() == text:
+        return
+    atomic_write_text(path, text)

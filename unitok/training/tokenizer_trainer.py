@@ -203,6 +203,8 @@ class Trainer(TrainerBase):
                                model_config=self.model_config, data=self.data_spec)
         summary["precision"] = "bf16" if self.bf16 else "fp32"
         summary[f"train_seconds_at_{REFERENCE_GFLOPS:.0f}_gflops"] = round(self.scaled_seconds, 2)
+        if self.compile_seconds:
+            summary["compile_seconds"] = round(self.compile_seconds, 2)
         if self.is_main and self.out_dir is not None:
             write_run_outputs(self.out_dir, summary, self.model, self.eval_data, self.device)
         return summary

@@ -28,7 +28,7 @@ What the base owns (and the tests check for every subclass, tests/training/test_
 - the lr schedule (`lr_at`), the optimizer (AdamW, decay on matrices only, fused where it is available), gradient
   clipping, the non-finite-loss stop (before the bad update), callbacks, `step()` / `run(n)` with tqdm, bf16
   autocast, DDP under torchrun with rank-0 writes, Ctrl-C at a step boundary, the summary;
-- time: `train_seconds` and the same time scaled to a laptop with REFERENCE_GFLOPS fp32 matmul
+- time: `train_seconds` (a compiled model's first steps count as `compile_seconds` instead) and the same time scaled to a laptop with REFERENCE_GFLOPS fp32 matmul
   (`scaled_seconds`, from the matmul peak measured every 25 steps on the CPU, so a busy machine shows).
 
 Exact resume: the data order is a pure function of (seed, step) (`StepBatchSampler`), every random draw a step
@@ -45,7 +45,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -55,12 +55,13 @@ import torch.nn as nn
 from ..checkpoint import atomic_write, load_state_dict_checked, read_torch
 from .machine import REFERENCE_GFLOPS, matmul_peak, model_lock, pick_device, training_autocast, uses_bf16
 from .resume import saved_step
-from .runs import RunLock, atomic_write_text, prepare_run_folder
+from .runs import RunLock, atomic_write_text, prepare_run_folder, write_log_if_changed
 
 __all__ = ["TrainerBase", "NonFiniteLossError", "StepBatchSampler", "lr_at", "seed_everything",
            "distributed_env", "TrainingInterrupted"]
 
 PEAK_EVERY = 25          # steps between two matmul-peak measurements (about 10 ms each on a 2-core CPU)
+COMPILING_STEPS = 2      # with compile: the steps of each process timed as compilation (compile_seconds)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -256,8 +257,12 @@ class TrainerBase:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False, find_unused_parameters=self.find_unused_parameters)
+        # a compiled model compiles during its first steps (the second recompiles once when shapes vary): those
+        # steps are shown and timed as compilation, not as training
+        self.compile_seconds, self.compiling_steps = 0.0, 0
         if getattr(self.config, "compile", False):
             self.train_model = torch.compile(self.train_model)
+            self.compiling_steps = COMPILING_STEPS
         if resume and self.out_dir is not None and (self.out_dir / "checkpoint.pt").exists():
             self.load_checkpoint(self.out_dir / "checkpoint.pt")
         if self.is_main and self.out_dir is not None:
@@ -348,11 +353,17 @@ class TrainerBase:
         extra = self.after_update(batch)
         self.step_count += 1
         seconds = time.perf_counter() - start
-        self.train_seconds += seconds
-        if self.matmul_gflops:
-            self.scaled_seconds += seconds * self.matmul_gflops / REFERENCE_GFLOPS
+        compiling = self.compiling_steps > 0
+        if compiling:
+            self.compiling_steps -= 1
+            self.compile_seconds += seconds
+        else:
+            self.train_seconds += seconds
+            if self.matmul_gflops:
+                self.scaled_seconds += seconds * self.matmul_gflops / REFERENCE_GFLOPS
         metrics = {"step": self.step_count, "lr": lr, **logged, "grad_norm": float(grad_norm), "seconds": seconds,
-                   "matmul_gflops": self.matmul_gflops, **self.step_metrics(batch, logged, seconds), **extra}
+                   "matmul_gflops": self.matmul_gflops, **self.step_metrics(batch, logged, seconds), **extra,
+                   **({"compiling": compiling} if getattr(self.config, "compile", False) else {})}
         self.history.append(metrics)
         if self.is_main and self.out_dir is not None:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
@@ -383,7 +394,11 @@ class TrainerBase:
         try:
             with _DeferredInterrupt() as interrupt:
                 while self.step_count < target:
+                    if self.compiling_steps:
+                        bar.set_description(f"{self.progress_name} (compiling)")
                     metrics = self.step()
+                    if not self.compiling_steps:
+                        bar.set_description(self.progress_name)
                     bar.update(1)
                     if self.step_count % self.config.log_every == 0:
                         bar.set_postfix(**self.progress_postfix(metrics))
@@ -429,6 +444,7 @@ class TrainerBase:
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step_count, "train_seconds": self.train_seconds, "scaled_seconds": self.scaled_seconds,
+                "compile_seconds": self.compile_seconds,
                 "best_score": self.best_score, "history": self.history, "eval_history": self.eval_history,
                 "torch_rng": torch.get_rng_state(), **self.extra_state()}
 
@@ -454,6 +470,7 @@ class TrainerBase:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count, self.train_seconds = int(state["step"]), float(state["train_seconds"])
         self.scaled_seconds = float(state.get("scaled_seconds", 0.0))
+        self.compile_seconds = float(state.get("compile_seconds", 0.0))
         self.best_score = float(state["best_score"])
         self.history, self.eval_history = list(state["history"]), list(state["eval_history"])
         torch.set_rng_state(state["torch_rng"])
@@ -468,7 +485,8 @@ class TrainerBase:
         out_dir/final/ (out_dir/best/ holds the best evaluation's)."""
         summary = {"steps": self.step_count, "train_seconds": round(self.train_seconds, 2),
                    f"train_seconds_at_{REFERENCE_GFLOPS:.0f}_gflops": round(self.scaled_seconds, 2),
-                   "precision": "bf16" if self.bf16 else "fp32", **self.summary_fields()}
+                   "precision": "bf16" if self.bf16 else "fp32", **self.summary_fields(),
+                   **({"compile_seconds": round(self.compile_seconds, 2)} if self.compile_seconds else {})}
         summary.update(self.eval_history[-1] if self.eval_history else {})
         summary.update(extra or {})
         if self.is_main and self.out_dir is not None:
@@ -476,10 +494,3 @@ class TrainerBase:
             atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2))
         return summary
 
-
-def write_log_if_changed(path: Path, rows: Iterable[dict]) -> None:
-    """Make a JSON-lines log hold exactly `rows`; the file is left untouched (bytes and time) when it already does."""
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    if path.exists() and path.read_text() == text:
-        return
-    atomic_write_text(path, text)
