@@ -281,6 +281,8 @@ def test_cli_contract_on_the_bundled_model(tmp_path, start_cli):
     b = _picture(tmp_path / "b.png", 32, "L")
     junk = tmp_path / "junk.png"
     junk.write_text("not a picture")
+    grid = _picture(tmp_path / "grid.png", 64)              # what `unitok generate --out x.png` writes: a grid
+    (tmp_path / "pictures").mkdir()
     runs = {
         "caption": start_cli("caption", a, b),
         "ask": start_cli("ask", a, "--question", "what colour is the shape?"),
@@ -289,6 +291,8 @@ def test_cli_contract_on_the_bundled_model(tmp_path, start_cli):
         "junk": start_cli("caption", junk),
         "missing": start_cli("ask", tmp_path / "nope.png", "--question", "what shape is it?"),
         "bad_dir": start_cli("caption", a, "--mllm", tmp_path),
+        "folder": start_cli("caption", tmp_path / "pictures"),
+        "grid": start_cli("caption", grid),
     }
     res = {k: wait() for k, wait in runs.items()}
     cap = res["caption"]
@@ -303,8 +307,9 @@ def test_cli_contract_on_the_bundled_model(tmp_path, start_cli):
     gen = res["generate"]                                   # the generator's command and output contract
     assert gen.returncode == 0, gen.stderr
     assert "wrote 2 samples for prompt 'a red star'" in gen.stdout and (tmp_path / "star.png").exists()
+    assert res["grid"].returncode == 0 and "a grid of 2x2 pictures of 32 px?" in res["grid"].stderr
     for key, pattern in (("junk", "junk.png is not a picture"), ("missing", "nope.png not found"),
-                         ("bad_dir", "holds no unified model")):
+                         ("bad_dir", "holds no unified model"), ("folder", "pictures is a folder; expected a picture")):
         r = res[key]
         assert r.returncode == 2 and pattern in r.stderr and "Traceback" not in r.stderr, (key, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1

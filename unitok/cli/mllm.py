@@ -42,6 +42,9 @@ def read_pictures(paths, image_size: int):
     out = []
     for p in paths:
         path = Path(p)
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; expected a picture file (PNG, JPEG, ...): name the pictures, "
+                             f"e.g. {path}/*.png")
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found; expected a picture file (PNG, JPEG, ...)")
         try:
@@ -52,7 +55,11 @@ def read_pictures(paths, image_size: int):
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"{path} is not a picture PIL can read ({type(e).__name__}); expected PNG, JPEG, "
                              f"...") from None
-        if size != (image_size, image_size) or mode != "RGB":
+        if min(size) >= 2 * image_size and (size[0] % image_size == 0 and size[1] % image_size == 0):
+            print(f"warning: {path} is {size[0]}x{size[1]}, a grid of {size[0] // image_size}x{size[1] // image_size}"
+                  f" pictures of {image_size} px? It is read as one picture, squeezed to {image_size} px; cut it "
+                  f"into single pictures first", file=sys.stderr)
+        elif size != (image_size, image_size) or mode != "RGB":
             print(f"note: {path}: {size[0]}x{size[1]} {mode} converted to {image_size}x{image_size} RGB",
                   file=sys.stderr)
         out.append(tensor)
