@@ -558,6 +558,16 @@ def test_generate_cli_with_the_bundled_generator(run_cli, tmp_path, capsys):
     run_cli("generate", "--prompt", "a green circle", "--num", "2", "--out", tmp_path / "g.png")
     assert (tmp_path / "g.png").stat().st_size > 100
     from unitok.cli import main   # bad input in-process: the same code path without a start-up per case
+    from PIL import Image
+
+    pics = tmp_path / "pics"    # a folder: the grid and one PNG a sample (the same pictures as the .npz)
+    assert main(["generate", "--prompt", "a green circle", "--num", "3", "--seed", "0", "--out", str(pics)]) == 0
+    assert sorted(p.name for p in pics.iterdir()) == ["grid.png", "sample_000.png", "sample_001.png", "sample_002.png"]
+    with np.load(tmp_path / "x.npz") as f:
+        assert np.array_equal(np.asarray(Image.open(pics / "sample_001.png")), f["images"][1])
+    capsys.readouterr()
+    assert main(["generate", "--prompt", "a green circle", "--out", str(pics)]) == 2   # never overwritten
+    assert "not empty" in capsys.readouterr().err and len(list(pics.iterdir())) == 4
 
     for args, message in ((["--prompt", ""], "non-empty"), (["--class", "3"], "--class"),
                           (["--prompt", "a red star", "--rerank", "0"], "--rerank must be >= 1")):

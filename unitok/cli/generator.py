@@ -64,7 +64,8 @@ def add_generator_commands(sub) -> None:
                    help="draw N candidates per image, keep the one the tokenizer's CLIP side finds closest to the "
                         "prompt (1 = off; N times slower)")
     g.add_argument("--device", default="cpu")
-    g.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npz (images uint8, codes int64)")
+    g.add_argument("--out", required=True,
+                   help="FILE.png (a grid), FILE.npz (images uint8, codes int64) or DIR (grid.png + one PNG a sample)")
     g.add_argument("--mllm", nargs="?", const="", metavar="DIR",
                    help="draw with a unified model instead (bare --mllm: the bundled data/tiny-mllm)")
     g.set_defaults(fn=_generate)
@@ -155,7 +156,7 @@ def _write_samples_png(generator, path: Path, sampling: dict) -> None:
     from PIL import Image
 
     from ..data.images import make_grid_image
-    from ..training.runs import atomic_write
+    from ..checkpoint import atomic_write
 
     prompts = ["a red circle", "a green square", "a blue star", "a yellow heart", "a purple triangle",
                "a white cross", "a cyan diamond", "a orange crescent"]
@@ -185,11 +186,15 @@ def _generate(args) -> int:
     from PIL import Image
 
     from ..data.images import make_grid_image, to_uint8_image
-    from ..training.runs import atomic_write
+    from ..checkpoint import atomic_write
 
     out = Path(args.out)
-    if out.suffix.lower() not in (".png", ".npz"):
-        raise ValueError(f"--out must end in .png (a grid) or .npz (arrays), got {out.name!r}")
+    as_folder = out.is_dir() or not out.suffix
+    if not as_folder and out.suffix.lower() not in (".png", ".npz"):
+        raise ValueError(f"--out must be a folder (a grid and one PNG per sample), or end in .png (a grid) or .npz "
+                         f"(arrays), got {out.name!r}")
+    if as_folder and out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"--out {out} is a folder that is not empty; choose an empty or new folder")
     if args.prompt is None and args.label is None:
         raise ValueError("expected --prompt TEXT or --class N")
     if args.prompt is not None and not args.prompt.strip():
@@ -216,7 +221,14 @@ def _generate(args) -> int:
         codes = generator.generate(**kwargs, num=args.num, seed=args.seed, rerank=args.rerank, **sampling)
         images = generator.decode(codes).cpu()
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".png":
+    if as_folder:     # grid.png and sample_000.png, ... written into a temporary sibling, renamed into place
+        from ..training.runs import staged_folder
+
+        with staged_folder(out) as tmp:
+            Image.fromarray(make_grid_image(images, nrow=min(8, args.num))).save(tmp / "grid.png")
+            for i, picture in enumerate(to_uint8_image(images)):
+                Image.fromarray(picture).save(tmp / f"sample_{i:03d}.png")
+    elif out.suffix.lower() == ".png":
         grid = make_grid_image(images, nrow=min(8, args.num))
         atomic_write(out, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
     else:
