@@ -22,10 +22,7 @@ class Interrupted(Exception):
 def interrupt_message(trainer, resume_command: str) -> str:
     """The one line after Ctrl-C: where training stopped, the checkpoint on disk, and how to continue. (A trainer's
     `run` finishes the step in progress and writes its checkpoint before it stops.)"""
-    saved = trainer.last_checkpoint_step()
-    where = (f"the last checkpoint is step {saved} in {trainer.out_dir / 'checkpoint.pt'}" if saved is not None
-             else "no checkpoint was written yet")
-    return f"stopped at step {trainer.step_count}; {where}; resume with: {resume_command}"
+    return f"{trainer.interrupt_message()}; resume with: {resume_command}"
 
 
 def user_errors() -> tuple:

@@ -271,7 +271,6 @@ class GeneratorTrainer(TrainerBase):
         return self.generator.save_pretrained(directory, tokenizer_path=self.tokenizer_path,
                                               extra={"steps": self.step_count})
 
-    save_generator = save_model
 
     def summary_fields(self) -> dict:
         return {"parameters": self.generator.num_parameters(), "generator": dataclasses.asdict(self.gen_config),

@@ -185,7 +185,7 @@ class MLLMTrainer(TrainerBase):
         return cls(model_cfg, train, tokenizer, text, train_set, evals, out_dir=out_dir, resume=resume,
                    overwrite=overwrite, tokenizer_path=tokenizer_path,
                    data_spec={"name": "shapes", "tokenizer_sha256": digest,
-                              "preset": preset if saved is None else saved["data"].get("preset")})
+                              "preset": (preset or "tiny") if saved is None else saved["data"].get("preset")})
 
     # ------------------------------------------------------------------ batches
     def task_counts(self, batch_size: int) -> Dict[str, int]:

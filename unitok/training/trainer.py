@@ -393,11 +393,12 @@ class TrainerBase:
                    desc=self.progress_name)
         try:
             with _DeferredInterrupt() as interrupt:
+                if self.compiling_steps:
+                    bar.set_description(f"{self.progress_name} (compiling)")
                 while self.step_count < target:
-                    if self.compiling_steps:
-                        bar.set_description(f"{self.progress_name} (compiling)")
+                    compiling = self.compiling_steps > 0
                     metrics = self.step()
-                    if not self.compiling_steps:
+                    if compiling and not self.compiling_steps:   # the label changes once, not at every step
                         bar.set_description(self.progress_name)
                     bar.update(1)
                     if self.step_count % self.config.log_every == 0:
@@ -413,10 +414,12 @@ class TrainerBase:
         return self.history
 
     def interrupt_message(self) -> str:
+        """Where training stopped and what is on disk (the CLI adds how to resume)."""
         saved = self.last_checkpoint_step()
-        where = (f"; checkpoint of step {saved} in {self.out_dir}" if saved is not None else
-                 "; the model keeps its weights")
-        return f"stopped at step {self.step_count}{where}"
+        where = ("the model keeps its weights" if self.out_dir is None else
+                 "no checkpoint was written yet" if saved is None else
+                 f"the last checkpoint is step {saved} in {self.out_dir / 'checkpoint.pt'}")
+        return f"stopped at step {self.step_count}; {where}"
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
