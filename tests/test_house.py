@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # a package may import its own files and any package on a lower layer, never one above
 LAYER = {"cli": 6, "studies": 5, "generator": 4, "mllm": 4, "transformer": 3, "training": 2, "evaluation": 2,
-         "tokenizer": 1, "data": 1, "checkpoint": 0, "torchvision_fix": 0}
+         "tokenizer": 1, "data": 1, "checkpoint": 0, "torchvision_fix": 0, "cpu_share": 0}
 JUPYTER = ("ipywidgets", "plotly", "IPython", "ipykernel", "nbformat", "nbclient", "anywidget")
 
 

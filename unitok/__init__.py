@@ -1,5 +1,9 @@
 """unitok: a unified discrete visual tokenizer (UniTok) with multi-codebook quantization."""
-from . import torchvision_fix
+from . import cpu_share
+
+cpu_share.apply_wait_policy()  # before torch loads: how OpenMP threads wait decides how a shared CPU is shared
+
+from . import torchvision_fix  # noqa: E402
 
 torchvision_fix.apply()  # must run before anything imports timm / open_clip / torchvision
 

@@ -10,6 +10,8 @@ expression or passed to `display`), `static_figure()` (a matplotlib Figure of th
 rendered without a kernel) and `close()`. `notebook_setup()` is the notebooks' one-line set-up (modes, paths).
 The library (`unitok`) never imports this package.
 """
+import unitok  # noqa: F401  (first: sets how OpenMP threads wait before torch loads; see unitok.cpu_share)
+
 from .chat import UnifiedChat
 from .codebook import CodebookUsage
 from .embeddings import TokenEmbeddingExplorer

@@ -12,7 +12,8 @@ Three modes, chosen by environment variables before Jupyter starts (or before th
     classroom  default, UNITOK_MODE=classroom   minutes on a 2-core laptop; results already show the effect
     full       UNITOK_MODE=full        the numbers quoted in the notebooks' text; up to tens of minutes
 
-Nothing here imports Jupyter; it only reads the environment and finds files.
+Nothing here imports Jupyter at import time; `notebook_setup` asks IPython (when it runs in one) to show an
+interrupted cell as one line.
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from unitok.cpu_share import cpu_usage
+from unitok.training.trainer import TrainingInterrupted
 
 MODES = ("smoke", "classroom", "full")
 DEFAULT_MODE = "classroom"
@@ -76,17 +80,51 @@ class Lab:
 
     @contextlib.contextmanager
     def stoppable(self, *trainers):
-        """Run a training cell so that Kernel > Interrupt ends it with one line instead of a traceback:
-        "stopped at step N; the model keeps its weights". The trainers keep their last finished step; run the
-        cell again to go on."""
+        """Run a training or sampling cell so that Kernel > Interrupt (■) ends it with one line instead of a
+        traceback, "stopped at step N; the model keeps its weights ...", and ends Run All there: the cell counts
+        as interrupted (an error), so the queued cells below do not run on a half-trained model. The trainers keep
+        their last finished step; run the cell again to go on."""
         try:
             yield
-        except KeyboardInterrupt:
-            steps = sorted({int(getattr(t, "step_count", 0)) for t in trainers})
-            where = "" if not steps else f" at step {steps[0]}" if len(steps) == 1 else \
-                f" at steps {', '.join(map(str, steps))}"
-            whose = "the models keep their weights" if len(trainers) > 1 else "the model keeps its weights"
-            print(f"stopped{where}; {whose}")
+        except KeyboardInterrupt as interrupt:
+            raise TrainingInterrupted(stopped_message(trainers, interrupt)) from None
+
+
+def stopped_message(trainers=(), interrupt: Optional[BaseException] = None) -> str:
+    """The one line an interrupted cell shows: where each trainer stopped and that the queue stopped too."""
+    if isinstance(interrupt, TrainingInterrupted) and str(interrupt).startswith("■"):
+        return str(interrupt)                                    # already this line (raised by `Lab.stoppable`)
+    steps = sorted({int(getattr(t, "step_count", 0)) for t in trainers})
+    where = "" if not steps else f" at step {steps[0]}" if len(steps) == 1 else \
+        f" at steps {', '.join(map(str, steps))}"
+    if trainers:
+        whose = "the models keep their weights" if len(trainers) > 1 else "the model keeps its weights"
+        first = f"stopped{where}; {whose}"
+    else:
+        first = str(interrupt) if isinstance(interrupt, TrainingInterrupted) and str(interrupt) else "stopped"
+    return f"■ {first}. The cells below were not run: run this cell again to go on, or run the next cells one by one."
+
+
+def one_line_interrupts(shell=None) -> bool:
+    """Make Kernel > Interrupt in *any* cell of this kernel show one line (see `stopped_message`) instead of a
+    KeyboardInterrupt traceback. The cell still ends as an error, which is what stops Run All's queue.
+    -> False outside IPython."""
+    if shell is None:
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            return False
+        shell = get_ipython()
+    if shell is None or not hasattr(shell, "set_custom_exc"):
+        return False
+
+    def handler(shell, etype, value, tb, tb_offset=None):
+        # IPython draws an exception with `_render_traceback_` as exactly those lines (TrainingInterrupted's)
+        shown = TrainingInterrupted(stopped_message((), value))
+        shell.showtraceback((TrainingInterrupted, shown, None))
+
+    shell.set_custom_exc((KeyboardInterrupt,), handler)
+    return True
 
 
 def notebook_setup(checkpoint: bool = False, seed: int = 0, quiet: bool = False) -> Lab:
@@ -105,6 +143,7 @@ def notebook_setup(checkpoint: bool = False, seed: int = 0, quiet: bool = False)
     import torch
 
     torch.manual_seed(seed)
+    one_line_interrupts()
     if not quiet:
         text = f"mode: {lab.mode} (UNITOK_MODE=smoke|classroom|full)"
         if lab.checkpoint is not None:
@@ -115,6 +154,9 @@ def notebook_setup(checkpoint: bool = False, seed: int = 0, quiet: bool = False)
                 pass
             text += f"  ·  checkpoint: {shown}" + (" (bundled)" if lab.uses_bundled_checkpoint else "")
         print(text)
+        usage = cpu_usage()           # a busy CPU makes every time in the notebook longer: say so now, and why
+        if usage is not None:
+            print(usage.describe())
     return lab
 
 

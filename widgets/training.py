@@ -34,7 +34,10 @@ import numpy as np
 
 import ipywidgets as W
 
+from unitok.training.trainer import TrainingInterrupted
+
 from ._common import hbox, json_safe, model_lock, title_html, View
+from .lab import stopped_message
 from .training_figures import (LOSS_LABELS, LOSS_TERMS, UNDERSTANDING_LABELS, UNDERSTANDING_TRACES,
                                build_training_figure, static_training_figure, thin)
 
@@ -344,8 +347,7 @@ class TrainingDashboard(View):
             except KeyboardInterrupt:
                 self.pause()
                 self.wait()
-                print(f"stopped at step {self.trainer.step_count}; the model keeps its weights")
-                return self.trainer.history
+                raise TrainingInterrupted(stopped_message([self.trainer])) from None
         with self._thread_lock:
             if self.running:            # pressed again in the meantime: never two workers on one trainer
                 raise RuntimeError("the dashboard is already training in the background; pause() and wait() first")
@@ -357,7 +359,7 @@ class TrainingDashboard(View):
             # Kernel > Interrupt: one line, not a screen of traceback. The interrupted step either finished (it is
             # in the history) or never reached the optimiser; either way the weights are those of a whole step.
             self._pause.set()
-            print(f"stopped at step {self.trainer.step_count}; the model keeps its weights")
+            raise TrainingInterrupted(stopped_message([self.trainer])) from None
         except Exception as error:
             self._report(error)
             raise

@@ -31,6 +31,7 @@ from unitok import UniTok, get_preset  # noqa: E402
 from unitok.evaluation import codebook_stats
 from unitok.evaluation import image_metrics
 from unitok.evaluation import zero_shot  # noqa: E402
+from unitok.training.trainer import TrainingInterrupted  # noqa: E402
 from unitok.data.shapes_dataset import ShapesDataset  # noqa: E402
 from unitok.training.tokenizer_trainer import Trainer  # noqa: E402
 from unitok_widgets import embeddings as embeddings_module  # noqa: E402
@@ -255,10 +256,12 @@ def test_dashboard_interrupt_prints_one_line_and_keeps_the_trainer_usable(traine
             return real_step()
 
         monkeypatch.setattr(trainer, "step", step_then_interrupt)
-        history = dash.train(10)                  # returns instead of raising
-        out = capsys.readouterr().out
-        assert out.strip() == f"stopped at step {start + 2}; the model keeps its weights"
-        assert trainer.step_count == start + 2 and len(history) == trainer.step_count
+        with pytest.raises(TrainingInterrupted) as stopped:   # an error, so that Run All stops here
+            dash.train(10)
+        assert stopped.value._render_traceback_() == [   # what Jupyter shows instead of a traceback
+            f"■ stopped at step {start + 2}; the model keeps its weights. The cells below were not run: "
+            "run this cell again to go on, or run the next cells one by one."]
+        assert trainer.step_count == start + 2 and len(trainer.history) == trainer.step_count
         assert not dash.run_button.disabled and not dash.step_button.disabled and dash.pause_button.disabled
         monkeypatch.setattr(trainer, "step", real_step)
         dash.step_button.click()                  # and training goes on from there
@@ -686,17 +689,21 @@ def test_notebook_setup_modes(monkeypatch, tmp_path):
         L.notebook_setup(checkpoint=True, quiet=True)
 
 
-def test_stoppable_turns_an_interrupt_into_one_line(capsys):
+def test_stoppable_turns_an_interrupt_into_one_line_that_still_stops_the_queue():
     from unitok_widgets import lab as L
 
     lab = L.Lab(mode="smoke", root=Path("."))
     one, two = types.SimpleNamespace(step_count=7), types.SimpleNamespace(step_count=9)
-    with lab.stoppable(one):
-        raise KeyboardInterrupt
-    with lab.stoppable(one, two):
-        raise KeyboardInterrupt
-    assert capsys.readouterr().out.splitlines() == ["stopped at step 7; the model keeps its weights",
-                                                    "stopped at steps 7, 9; the models keep their weights"]
+    shown = []
+    for trainers in ((one,), (one, two)):
+        with pytest.raises(TrainingInterrupted) as stopped:
+            with lab.stoppable(*trainers):
+                raise KeyboardInterrupt
+        assert stopped.value.__cause__ is None and stopped.value.__suppress_context__
+        [line] = stopped.value._render_traceback_()
+        shown.append(line.split(". The cells below")[0])
+    assert shown == ["■ stopped at step 7; the model keeps its weights",
+                     "■ stopped at steps 7, 9; the models keep their weights"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,11 +14,9 @@ what differs:
             model = MyModel().to(self.device)
             self.start_run(model, out_dir=out_dir, resume=resume, overwrite=overwrite)
 
-        def batch_for_step(self, step): ...          # the batch of step `step`: a pure function of (seed, step)
+        def batch_for_step(self, step): ...          # a pure function of (seed, step)
         def loss_terms(self, batch): ...             # {"loss": total (backpropagated), "other": term, ...}
-        def evaluation(self): ...                    # {metric: value}
-        def save_model(self, directory): ...         # what out/best/ and out/final/ hold
-        def run_config(self): ...                    # what config.json holds
+        def evaluation(self): ...; def save_model(self, directory): ...; def run_config(self): ...
 
 What the base owns (and the tests check for every subclass, tests/training/test_run_rules.py):
 - the run folder: claimed (refused if it holds another run unless resume / overwrite; `unitok.training.runs`),
@@ -69,8 +67,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C (or a notebook's stop button) during `run`: raised at the end of the step in progress, after the
-    checkpoint of that step was written (when there is a run folder). Its message says where training stopped."""
+    """Ctrl-C (or ■ in Jupyter) during `run`: raised after the step in progress and its checkpoint. In Jupyter its
+    message is the whole error output (IPython's `_render_traceback_`); as an error it still stops Run All."""
+
+    def _render_traceback_(self) -> list:
+        return [str(self) or "interrupted"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
