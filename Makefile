@@ -44,8 +44,15 @@ data:
 test: venv
 	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15 tests
 
+# JupyterLab's settings for the lab: no news pop-up over the outputs, no update check (JupyterLab reads
+# <venv>/share/jupyter/lab/settings/overrides.json as the defaults; a user's own settings still win).
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
+$(LAB_SETTINGS): $(LAB_STAMP)
+	mkdir -p $(dir $@)
+	printf '%s\n' '{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' > $@
+
 # JupyterLab on 127.0.0.1 with a token (JUPYTER_TOKEN, or a fresh random one printed in the URL below).
-lab: $(LAB_STAMP)
+lab: $(LAB_STAMP) $(LAB_SETTINGS)
 	@token="$${JUPYTER_TOKEN:-$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(16))')}"; \
 	echo "==> open http://127.0.0.1:$(PORT)/lab/tree/00_quickstart.ipynb?token=$$token"; \
 	exec $(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) $(if $(filter 0,$(shell id -u)),--allow-root) \

@@ -12,6 +12,7 @@ The library (`unitok`) never imports this package.
 """
 import unitok  # noqa: F401  (first: sets how OpenMP threads wait before torch loads; see unitok.cpu_share)
 
+from ._common import LOSS_COLOURS, codebook_colour
 from .chat import UnifiedChat
 from .codebook import CodebookUsage
 from .embeddings import TokenEmbeddingExplorer
@@ -22,5 +23,5 @@ from .token_grid import TokenGrid
 from .training import TrainingDashboard
 from .zero_shot import ZeroShotPanel
 
-__all__ = ["TrainingDashboard", "CodebookUsage", "ReconstructionViewer", "TokenEmbeddingExplorer", "TokenGrid",
+__all__ = ["LOSS_COLOURS", "codebook_colour", "TrainingDashboard", "CodebookUsage", "ReconstructionViewer", "TokenEmbeddingExplorer", "TokenGrid",
            "ZeroShotPanel", "GenerationExplorer", "UnifiedChat", "Lab", "notebook_setup"]

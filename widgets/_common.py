@@ -32,9 +32,10 @@ except ImportError:  # pragma: no cover - pandas is optional for the views thems
 # Look: one set of sizes and colours, so the views line up when shown one under another.
 # ----------------------------------------------------------------------------------------------------------------
 IMAGE_PX = 192          # on-screen side of one image panel: a 32 px image is upscaled x6, nearest neighbour
-FIG_WIDTH = 940         # full-width plotly figures
-HALF_WIDTH = 460        # side-by-side plotly figures
+FIG_WIDTH = 800         # full-width plotly figures: JupyterLab's output area is ~820 px in a 1000 px window
+HALF_WIDTH = 390        # side-by-side plotly figures
 PLOTLY_TEMPLATE = "plotly_white"
+WIDE_LABEL = {"description_width": "initial"}   # a slider label as wide as its words ("temperature" is not cut)
 # Tableau-10: distinct and colour-blind friendly; sub-codebook i is always drawn in PALETTE[i % 10].
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
            "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
@@ -112,8 +113,8 @@ def image_widget(array: Optional[np.ndarray] = None, px: int = IMAGE_PX) -> W.Im
     """An ipywidgets.Image showing `array` upscaled to about px x px (a blank panel when array is None)."""
     widget = W.Image(format="png", layout=W.Layout(width=f"{px}px", height=f"{px}px", object_fit="contain"))
     widget.add_class("unitok-pixelated")  # sharp pixels when the browser rescales (see pixelated_css)
-    if array is not None:
-        set_image(widget, array, px)
+    # an empty Image draws the browser's broken-image icon: a light grey square until there is a picture
+    set_image(widget, array if array is not None else np.full((8, 8, 3), 238, np.uint8), px)
     return widget
 
 
@@ -329,6 +330,7 @@ class View:
         """The view's outer box, with the shared style and the class the style applies to."""
         box = W.VBox([pixelated_css(), *children])
         box.add_class("unitok-view")
+        box.add_class(f"unitok-{type(self).__name__.lower()}")     # e.g. unitok-trainingdashboard (browser tests)
         return box
 
 

@@ -16,13 +16,25 @@ from __future__ import annotations
 
 import html
 import io
+import math
 
 import numpy as np
 import torch
 
 import ipywidgets as W
 
-from ._common import View, hbox, image_widget, set_image, take_items, title_html, to_uint8, upscale
+from unitok.data.scene_text import question_type
+
+from ._common import WIDE_LABEL, View, hbox, image_widget, set_image, take_items, title_html, to_uint8, upscale
+
+
+def _outside_note(question: str) -> str:
+    """A line under an answer to a question the model never learned: it can only pick among trained answers."""
+    if question_type(question) is not None:
+        return ""
+    return ("<div style='color:#a05a00'>This model learned only questions about a shape's colour, shape, position "
+            "and size, the background, the count, and \"is there a {colour} {shape}?\" on pictures of coloured "
+            "shapes. This question is outside them, so the answer is a guess among those answers.</div>")
 
 
 def _token_html(pairs) -> str:
@@ -89,7 +101,7 @@ class UnifiedChat(View):
         self.cfg_scale = W.FloatSlider(value=3.0, min=0.0, max=8.0, step=0.25, description="CFG",
                                        layout=W.Layout(width="280px"))
         self.temperature = W.FloatSlider(value=1.0, min=0.1, max=2.0, step=0.05, description="temperature",
-                                         layout=W.Layout(width="280px"))
+                                         style=WIDE_LABEL, layout=W.Layout(width="280px"))
         self.seed = W.IntText(value=int(seed), description="seed", layout=W.Layout(width="150px"))
         self.picture_image = image_widget(None, self.px)
         self.tokens_image = image_widget(None, self.px)
@@ -179,8 +191,10 @@ class UnifiedChat(View):
         self.answers.append((q, answer))
         rows = "".join(f"<div><b>Q</b> {html.escape(qq)} &nbsp; <b>A</b> {html.escape(aa)}</div>"
                        for qq, aa in self.answers[-4:-1])
+        probability = math.prod(p for _, p in details)            # of the whole answer, token by token
         self.answer_html.value = (f"<div style='color:#666'>{rows}</div><div><b>Q</b> {html.escape(q)} &nbsp; "
-                                  f"<b>A</b> {_token_html(details)}</div>")
+                                  f"<b>A</b> {_token_html(details)} <span style='color:#666'>"
+                                  f"(p = {probability:.2f})</span></div>" + _outside_note(q))
         return self.last_answer
 
     # ------------------------------------------------------------------ writing

@@ -122,7 +122,7 @@ class CodebookUsage(View):
             self.overview_figure.update_yaxes(range=[0, 1.05])
         self.mi_figure = go.FigureWidget(layout=figure_layout(self._mi_title(), HALF_WIDTH - 40, 380))
         self._fill_mi()
-        self.detail_figure = go.FigureWidget(layout=figure_layout("", FIG_WIDTH, 330))
+        self.detail_figure = go.FigureWidget(layout=figure_layout("", FIG_WIDTH, 330, margin=dict(l=60, r=20, t=60, b=45)))
         self.codebook.observe(lambda _: self._draw_detail(), names="value")
         self._draw_detail()
         header = W.HTML(title_html("Codebook usage",
@@ -222,7 +222,7 @@ class CodebookUsage(View):
                 fig.update_xaxes(title_text="rank (codes sorted by frequency)", range=[0.5, K + 0.5])
             fig.layout.showlegend = False
             fig.layout.title.text = (f"sub-codebook {i}: {K - int(s['dead_codes'][i])} of {K} codes used, "
-                                     f"{int(s['dead_codes'][i])} dead, perplexity {s['perplexity'][i]:.1f}, "
+                                     f"{int(s['dead_codes'][i])} dead,<br>perplexity {s['perplexity'][i]:.1f}, "
                                      f"normalised entropy {s['normalized_entropy'][i]:.3f} "
                                      f"(N = {self.window_tokens:,} tokens)")
         # the overview highlights the selected sub-codebook

@@ -22,7 +22,7 @@ import ipywidgets as W
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ._common import (View, figure_layout, hbox, html_table, image_widget, new_figure, set_image, tile_grid,
+from ._common import (WIDE_LABEL, View, figure_layout, hbox, html_table, image_widget, new_figure, set_image, tile_grid,
                       title_html, to_uint8, upscale)
 
 GRID_TILE_PX = 96
@@ -109,10 +109,13 @@ class GenerationExplorer(View):
             self._stepper = self.generator.sample_steps(cond, seed=int(self.seed.value) + 1000,
                                                         codes=self.focus_codes, **self.settings())
             self.filled = 0
+            self.entropy = np.full((self.grid_size, self.grid_size), np.nan)
         drawn = next(self._stepper)
         self.filled = drawn.position + 1
         self.last_choices = [(int(drawn.codes[0, i]), float(drawn.probs[0, i]), float(drawn.entropy[0, i]))
                              for i in range(self.k)]
+        # while stepping, the map fills in as positions are drawn: each one's entropy summed over its k sub-codes
+        self.entropy[divmod(drawn.position, self.grid_size)] = sum(e for _, _, e in self.last_choices)
         self._refresh_focus(drawn.position)
         if self.filled == self.grid_size ** 2:
             self.focus_codes = self.focus_codes[0].cpu()
@@ -154,7 +157,7 @@ class GenerationExplorer(View):
             self.entropy = maps["entropy"][0].cpu().numpy()
         with self.figure.batch_update():
             self.image_trace.z = self._focus_image()
-            ent = self.entropy.copy() if self.filled == self.grid_size ** 2 else np.full_like(self.entropy, np.nan)
+            ent = self.entropy.copy()
             self.entropy_trace.z = ent if np.isfinite(ent).all() else np.where(np.isfinite(ent), ent, None).tolist()
             if position is not None:
                 r, c = divmod(position, self.grid_size)
@@ -193,11 +196,12 @@ class GenerationExplorer(View):
             self.label = None
             cond_widget = self.prompt
         self.temperature = W.FloatSlider(value=start["temperature"], min=0.1, max=2.0, step=0.05,
-                                         description="temperature", layout=W.Layout(width="300px"))
-        self.top_k = W.IntSlider(value=start["top_k"], min=0, max=self.K, step=1, description="top-k (0=off)",
-                                 layout=W.Layout(width="300px"))
+                                         description="temperature", style=WIDE_LABEL,
+                                         layout=W.Layout(width="260px"))
+        self.top_k = W.IntSlider(value=start["top_k"], min=0, max=self.K, step=1, description="top-k (0 = off)",
+                                 style=WIDE_LABEL, layout=W.Layout(width="260px"))
         self.cfg_scale = W.FloatSlider(value=start["cfg_scale"], min=0.0, max=8.0, step=0.25, description="CFG",
-                                       layout=W.Layout(width="300px"))
+                                       style=WIDE_LABEL, layout=W.Layout(width="250px"))
         # best of n (Sample only): the tokenizer's own CLIP side keeps the candidate closest to the prompt
         self.best_of = W.IntSlider(value=1, min=1, max=16, step=1, description="best of",
                                    layout=W.Layout(width="300px"))

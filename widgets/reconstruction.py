@@ -228,8 +228,9 @@ class ReconstructionViewer(View):
         fig = go.FigureWidget(
             [go.Bar(x=list(range(k)), y=d["drops"], marker_color=[codebook_colour(i) for i in range(k)],
                     hovertemplate="sub-codebook %{x}<br>−%{y:.2f} dB<extra></extra>")],
-            layout=figure_layout(f"PSNR drop when one sub-codebook is ablated ({d['mode']}, mean over "
-                                 f"{d['images']} images; unablated {d['psnr']:.2f} dB)", HALF_WIDTH + 200, 300))
+            layout=figure_layout(f"PSNR drop when one sub-codebook is ablated<br><sub>{d['mode']}, mean over "
+                                 f"{d['images']} images; unablated {d['psnr']:.2f} dB</sub>", HALF_WIDTH + 200, 320,
+                                 margin=dict(l=60, r=20, t=70, b=45)))
         fig.update_xaxes(title_text="sub-codebook", dtick=1)
         fig.update_yaxes(title_text="PSNR drop (dB)")
         self.drops_figure = fig

@@ -20,7 +20,7 @@ import ipywidgets as W
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ._common import (codebook_colour, draw_box, encode_images, figure_layout, html_table, image_widget,
+from ._common import (draw_box, encode_images, figure_layout, html_table, image_widget,
                       new_figure, set_image, take_images, title_html, to_uint8, upscale, View)
 
 # Qualitative colours for code identities (Tableau-10 without its grey), and the grey for all other codes.
@@ -210,7 +210,8 @@ class TokenGrid(View):
         rows = []
         for i in range(k):
             same = int((self.codes[..., i] == codes[i]).sum()) - 1      # other tokens of this image with that code
-            rows.append([f"<span style='color:{codebook_colour(i)}'>■</span> {i}", f"<b>{int(codes[i])}</b>", same])
+            # plain numbers: in this view a colour means a code's identity, so sub-codebooks get none
+            rows.append([str(i), f"<b>{int(codes[i])}</b>", same])
         self.table.value = html_table(["sub-cb", "code", "elsewhere"], rows,
                                       f"token (row {r}, col {c}), index {r * self.grid_size + c} row-major; "
                                       "elsewhere = other tokens of this image with the same code")

@@ -155,7 +155,7 @@ class TrainingDashboard(View):
         window = f"over the last {self._window_tokens:,} training tokens" if self._window_tokens else \
             "over the recent-token window"
         when = f"measured every {every} steps and after each Step/Run" if every else "measured after each Step/Run"
-        return f"codes used per sub-codebook (share of K = {self.codebook_size}, {window}; {when})"
+        return f"codes used per sub-codebook (share of K = {self.codebook_size}, {window})<br>{when}"
 
     def _build_figure(self):
         """The plotly FigureWidget (`unitok_widgets.training_figures`), its traces kept by role for the redraws."""
@@ -261,7 +261,8 @@ class TrainingDashboard(View):
             self.psnr_trace.x, self.psnr_trace.y = steps, json_safe(col["psnr_batch"])
             self.eval_trace.x = [s for s, _ in evals]
             self.eval_trace.y = json_safe([p for _, p in evals])
-            self.lr_trace.x, self.lr_trace.y = steps, json_safe(col["lr"])
+            peak = getattr(getattr(self.trainer, "config", None), "lr", None) or max(col["lr"], default=1.0) or 1.0
+            self.lr_trace.x, self.lr_trace.y = steps, json_safe([100 * v / peak for v in col["lr"]])
             for name, trace in self.understanding_traces.items():
                 points = [(r["step"], 100 * r[name]) for r in self._evals if r.get(name) is not None]
                 trace.x, trace.y = [s for s, _ in points], json_safe([v for _, v in points])

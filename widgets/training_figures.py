@@ -4,7 +4,7 @@
 how the panels look, so either side can be read (and changed) without the other:
 
     loss terms (log)               | PSNR (batch, and eval points)
-    understanding at each eval + lr | dead codes per sub-codebook
+    understanding at each eval, lr   | dead codes per sub-codebook
     codes used per sub-codebook (a heatmap: sub-codebook x logged step)
 
 `build_training_figure` returns the empty FigureWidget and its traces by role (the dashboard fills them in one
@@ -47,8 +47,8 @@ def build_training_figure(num_codebooks: int, usage_title: str) -> tuple[go.Figu
     `usage_title` is the heatmap panel's title (annotation 4, which the dashboard rewrites as statistics arrive).
     """
     fig = make_subplots(
-        rows=3, cols=2, specs=[[{}, {}], [{"secondary_y": True}, {}], [{"colspan": 2}, None]],
-        subplot_titles=("loss terms (log)", "PSNR (dB)", "understanding at each eval (%) · lr (right)",
+        rows=3, cols=2, specs=[[{}, {}], [{}, {}], [{"colspan": 2}, None]],
+        subplot_titles=("loss terms (log)", "PSNR (dB)", "understanding at each eval · lr",
                         "dead codes per sub-codebook",
                         usage_title),
         vertical_spacing=0.11, horizontal_spacing=0.09, row_heights=[0.37, 0.33, 0.30])
@@ -61,8 +61,9 @@ def build_training_figure(num_codebooks: int, usage_title: str) -> tuple[go.Figu
     fig.add_trace(go.Scatter(x=[], y=[], mode="markers+lines", name="eval PSNR",
                              marker=dict(color="#e15759", size=8, symbol="diamond"),
                              line=dict(color="#e15759", dash="dot")), row=1, col=2)
-    fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name="lr", line=dict(color="#9c755f", width=1),
-                             marker=dict(size=5), showlegend=False, opacity=0.6), row=2, col=1, secondary_y=True)
+    # the lr as a share of its peak shares the 0-100 % axis (a second axis's labels ran into the next panel)
+    fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name="lr (% of peak)",
+                             line=dict(color="#9c755f", width=1), marker=dict(size=5), opacity=0.6), row=2, col=1)
     for i in range(num_codebooks):
         fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name=str(i), legend="legend2",
                                  marker=dict(size=5),
@@ -80,8 +81,7 @@ def build_training_figure(num_codebooks: int, usage_title: str) -> tuple[go.Figu
                                  marker=dict(color=colour, size=7), line=dict(color=colour, dash=dash)),
                       row=2, col=1)
     fig.update_yaxes(type="log", row=1, col=1)
-    fig.update_yaxes(range=[0, 100], row=2, col=1, secondary_y=False)
-    fig.update_yaxes(exponentformat="e", showgrid=False, row=2, col=1, secondary_y=True)
+    fig.update_yaxes(range=[0, 105], title_text="%", row=2, col=1)
     fig.update_yaxes(title_text="sub-codebook", dtick=1, autorange="reversed", row=3, col=1)
     fig.update_xaxes(title_text="step", row=3, col=1)
     # one legend row above the grid (inside, it would hide the top of the loss curves)
@@ -137,11 +137,13 @@ def static_training_figure(c: dict, log_steps: np.ndarray, usage: np.ndarray, de
         if understanding[name]:
             ax.plot(*zip(*understanding[name]), "o" + (":" if dash == "dot" else "-"), color=colour,
                     label=UNDERSTANDING_LABELS[name])
-    ax.set_ylim(0, 100)
-    if any(understanding.values()):
-        ax.legend(fontsize=7, loc="lower right")
-    ax.twinx().plot(c["step"], c["lr"], color="#9c755f", lw=1, alpha=0.6)
-    ax.set_title("understanding at each eval (%) · lr (right)", fontsize=10)
+    if len(c["lr"]):
+        ax.plot(c["step"], 100 * np.asarray(c["lr"]) / max(np.nanmax(c["lr"]), 1e-30), color="#9c755f", lw=1,
+                alpha=0.6, label="lr (% of peak)")
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("%", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("understanding at each eval · lr", fontsize=10)
     ax = fig.add_subplot(grid[1, 1])
     for i in range(len(dead)):
         ax.plot(log_steps, dead[i], color=codebook_colour(i), lw=1.1, label=str(i))

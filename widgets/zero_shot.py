@@ -186,7 +186,7 @@ class ZeroShotPanel(View):
         self.image_view = image_widget(px=self.px)
         self.caption = W.HTML(layout=W.Layout(width=f"{self.px + 40}px"))
         self.figure = go.FigureWidget(layout=figure_layout("", 440, 320))
-        self.figure.add_bar(x=[], y=[], orientation="h", marker_color=[], text=[], textposition="outside",
+        self.figure.add_bar(x=[], y=[], orientation="h", marker_color=[], text=[], textposition="auto",
                             customdata=[], hovertemplate="%{y}: %{x:.2%} (cos %{customdata:.3f})<extra></extra>",
                             cliponaxis=False)
         self.figure.update_xaxes(range=[0, 1.3], tickformat=".0%")

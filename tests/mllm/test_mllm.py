@@ -1,5 +1,6 @@
 """The unified model: text tokenizer, sequence layout and masks, KV-cache equality, image-input modes, training and
 resume, caption parsing, bad inputs, and the CLI contract on the bundled model (CPU, small)."""
+import math
 import json
 from pathlib import Path
 
@@ -325,6 +326,10 @@ def test_unified_chat_widget(tok, text, scenes, tmp_path):
     assert chat.codes.shape == (8, 8, 8) and chat.picture_image.value
     answer, details = chat.ask("what shape is it?")
     assert isinstance(answer, str) and all(0.0 <= p <= 1.0 for _, p in details)
+    shown = chat.answer_html.value
+    assert f"(p = {math.prod(p for _, p in details):.2f})" in shown and "outside them" not in shown
+    chat.ask("is there a dog in the picture?")             # never trained on: its answer is called a guess
+    assert "outside them, so the answer is a guess" in chat.answer_html.value
     chat.index.value = 2
     assert torch.equal(chat.picture, pics[2])
     codes = chat.draw("a blue heart")
@@ -422,3 +427,16 @@ def test_model_steps_set_the_unified_models_training_but_not_the_tokenizers(tmp_
     assert long[0].key != short[0].key
     with pytest.raises(ValueError, match="--model-steps must be >= 1"):
         run_ablation("roadmap", seeds=1, model_steps=0, out=tmp_path / "abl")
+
+
+def test_question_type_knows_every_trained_question_and_nothing_else():
+    from unitok.data.scene_text import question_type, scene_record
+    from unitok.data.shapes_dataset import ShapesDataset
+
+    data = ShapesDataset(32, "train", length=40)
+    asked = [(qtype, q) for i in range(40) for qtype, q, _ in eval_questions(scene_record(data.scene(i)))]
+    assert len({qtype for qtype, _ in asked}) == len(QUESTION_TYPES)
+    assert all(question_type(q) == qtype for qtype, q in asked), [a for a in asked if question_type(a[1]) != a[0]]
+    assert question_type("  What SHAPE is it? ") == "shape"
+    for outside in ("is there a dog in the picture?", "why is the heart purple?", "is there a red dog?", "hello"):
+        assert question_type(outside) is None, outside

@@ -364,8 +364,135 @@ def test_zero_shot_panel_and_token_grid_fit_a_1000px_window(browser, lab):
             assert figure and side and not _overlap(figure, side), (figure, side)
             assert _inside(figure, area) and _inside(side, area), (figure, side, area)
             assert "Equal colour = the same code" in grid.inner_text()
+            for view in (panel, grid):
+                assert not view.evaluate(LAYOUT_PROBLEMS_JS), view.evaluate(LAYOUT_PROBLEMS_JS)
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "browser_layout_1000px.png"), full_page=True)
+        finally:
+            page.close()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+# The views a class spends most time in, at the width of a laptop's JupyterLab (file browser hidden).
+VIEW_CELLS = [
+    "from unitok_widgets import GenerationExplorer, TrainingDashboard, UnifiedChat, notebook_setup\n"
+    "from unitok import UniTok\n"
+    "from unitok.cli.mllm import bundled_mllm_path, load_mllm\n"
+    "from unitok.data.shapes_dataset import ShapesDataset\n"
+    "from unitok.generator.model import TokenGenerator\n"
+    "from unitok.training.tokenizer_trainer import Trainer\n"
+    "lab = notebook_setup(checkpoint=True)\n"
+    "tokenizer = UniTok.from_pretrained(lab.checkpoint).eval()",
+    "trainer = Trainer.from_preset('tiny', data='shapes', overrides=['steps=20', 'eval_images=32', 'eval_every=3',\n"
+    "    'checkpoint_every=0', 'log_every=1', 'batch_size=16'])\n"
+    "dashboard = TrainingDashboard(trainer, steps=6)\n"
+    "dashboard.train(6)\n"
+    "dashboard",
+    "generator = TokenGenerator.from_pretrained(lab.root / 'data' / 'tiny-generator', tokenizer=tokenizer)\n"
+    "explorer = GenerationExplorer(generator, prompt='a yellow heart', num_images=8)\n"
+    "for _ in range(3):\n"
+    "    explorer.step()\n"
+    "explorer",
+    "chat = UnifiedChat(load_mllm(bundled_mllm_path()), ShapesDataset(32, 'test', length=8), index=1)\n"
+    "chat.ask('what shape is it?')\n"
+    "chat",
+    "from unitok_widgets import CodebookUsage, ReconstructionViewer\n"
+    "test = ShapesDataset(32, 'test', length=32)\n"
+    "viewer = ReconstructionViewer(tokenizer, test, other_model=UniTok(tokenizer.config).eval())\n"
+    "viewer.drops_button.click()                   # its bar chart of PSNR drops\n"
+    "viewer",
+    "CodebookUsage(tokenizer, test, num_images=32)",
+]
+VIEWS = ("trainingdashboard", "generationexplorer", "unifiedchat", "reconstructionviewer", "codebookusage")
+
+# What "fits" means, from the browser's own boxes: every plotly text (titles, tick and axis labels, legends, colour
+# bars) inside its figure; the figure, images and controls inside the output area; no legend over a plot area; no
+# two titles or legends over each other; colour bars with tick labels; no label or button cut by an ellipsis; no
+# broken image.
+LAYOUT_PROBLEMS_JS = """(root) => {
+    const problems = [];
+    const R = e => e.getBoundingClientRect();
+    const inside = (a, b, s = 1) => a.left >= b.left - s && a.right <= b.right + s && a.top >= b.top - s &&
+                                    a.bottom <= b.bottom + s;
+    const within = (a, b, s = 1) => a.left >= b.left - s && a.right <= b.right + s;
+    const overlap = (a, b) => Math.min(a.right, b.right) - Math.max(a.left, b.left) > 1 &&
+                              Math.min(a.bottom, b.bottom) - Math.max(a.top, b.top) > 1;
+    const name = e => (e.textContent || e.getAttribute('class') || '').trim().slice(0, 40);
+    const area = R(root.closest('.jp-OutputArea-output'));
+    for (const plot of root.querySelectorAll('.js-plotly-plot')) {
+        const svg = R(plot.querySelector('.main-svg'));
+        if (!within(svg, area)) problems.push(`figure ${Math.round(svg.width)} px wide in ${Math.round(area.width)} px`);
+        for (const t of plot.querySelectorAll('text')) {
+            const b = R(t);
+            if (t.textContent.trim() && b.width > 0 && !inside(b, svg)) problems.push(`text cut: "${name(t)}"`);
+        }
+        const plots = [...plot.querySelectorAll('.nsewdrag')].map(R);
+        const labels = [...plot.querySelectorAll('.gtitle, .annotation, .legend, .g-xtitle, .g-ytitle, .g-y2title')]
+            .filter(e => R(e).width > 0);
+        for (const l of plot.querySelectorAll('.legend')) {
+            if (plots.some(p => overlap(R(l), p))) problems.push(`legend over a plot: "${name(l)}"`);
+        }
+        for (let i = 0; i < labels.length; i++) for (let j = i + 1; j < labels.length; j++) {
+            if (overlap(R(labels[i]), R(labels[j]))) problems.push(`"${name(labels[i])}" over "${name(labels[j])}"`);
+        }
+        // tick labels of one axis running into another axis's labels, or under a title
+        const ticks = [...plot.querySelectorAll('.xtick text, .ytick text, .y2tick text')]
+            .filter(t => t.textContent.trim() && R(t).width > 0)
+            .map(t => ({t, axis: (t.closest('.subplot') || {}).className?.baseVal + ' ' + t.parentNode.getAttribute('class')}));
+        for (let i = 0; i < ticks.length; i++) {
+            for (let j = i + 1; j < ticks.length; j++) {
+                if (ticks[i].axis !== ticks[j].axis && overlap(R(ticks[i].t), R(ticks[j].t)))
+                    problems.push(`tick labels "${name(ticks[i].t)}" and "${name(ticks[j].t)}" overlap`);
+            }
+            for (const l of labels) if (overlap(R(ticks[i].t), R(l))) problems.push(`"${name(l)}" over tick "${name(ticks[i].t)}"`);
+        }
+        for (const bar of plot.querySelectorAll('.colorbar')) {
+            if ([...bar.querySelectorAll('text')].filter(t => /\\d/.test(t.textContent)).length < 2)
+                problems.push('a colour bar without tick labels');
+        }
+    }
+    for (const e of root.querySelectorAll('.widget-label, .widget-label-basic, .widget-button, .widget-dropdown select')) {
+        if (R(e).width > 0 && e.scrollWidth > e.clientWidth + 1) problems.push(`label cut: "${name(e)}"`);
+    }
+    for (const e of root.querySelectorAll('img, .widget-button, .widget-slider, .widget-text, .widget-dropdown')) {
+        const b = R(e);
+        if (b.width > 0 && !within(b, area)) problems.push(`outside the output area: ${e.tagName} "${name(e)}"`);
+    }
+    for (const img of root.querySelectorAll('img')) {
+        if (img.complete && img.naturalWidth === 0 && R(img).width > 0) problems.push('a broken image');
+    }
+    return problems;
+}"""
+
+
+def test_dashboard_explorer_chat_and_viewers_fit_a_1000px_window(browser, lab):
+    """At a 1000 px wide window (about 820 px of output area), nothing in the training dashboard, the generation
+    explorer, the unified chat, the reconstruction viewer or the codebook-usage view is cut, overlapping or outside
+    the output area (see LAYOUT_PROBLEMS_JS)."""
+    import nbformat
+
+    path = NOTEBOOKS / "_views_1000px.ipynb"
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in VIEW_CELLS]
+    nbformat.write(nb, path)
+    try:
+        page = _open_and_run_all(browser, lab, path.name, viewport=VIEWPORT)
+        try:
+            assert not _errors(page), _errors(page)
+            problems = {}
+            for view in VIEWS:
+                root = page.locator(f".unitok-{view}").first
+                root.wait_for(state="visible", timeout=60_000)
+                root.scroll_into_view_if_needed()
+                page.wait_for_timeout(800)                          # plotly lays out after it becomes visible
+                found = root.evaluate(LAYOUT_PROBLEMS_JS)
+                if found:
+                    problems[view] = found
+                ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                root.screenshot(path=str(ARTIFACTS / f"browser_1000px_{view}.png"))
+            assert not problems, "\n".join(f"{view}: {p}" for view, found in problems.items() for p in found)
         finally:
             page.close()
     finally:

@@ -62,6 +62,7 @@ def _train(args) -> int:
     train_data, eval_data = build_datasets(spec, preset.model.image_size, preset.train.seed)
     trainer = Trainer(preset.model, preset.train, train_data, eval_data, out_dir=out, resume=plan.resuming,
                       data_spec=spec)
+    trainer.evaluation_progress = True       # an evaluation of 1024 images takes minutes on a CPU: show it
     report_skipped(train_data, out)
     if trainer.is_main:
         print(f"training {preset.model.image_size}px UniTok ({trainer.model.num_parameters() / 1e6:.1f} M params) on "
@@ -105,7 +106,7 @@ def _eval(args) -> int:
             spec["eval_images"] = args.eval_images
         _, eval_data = build_datasets(spec, model.config.image_size, saved["train"]["seed"])
         results = evaluate_model(model, eval_data, batch_size=saved["train"]["batch_size"], device=device,
-                                 fid=args.fid)
+                                 fid=args.fid, progress=True)
         previous = read_json(run / "summary.json", "the run's summary") if (run / "summary.json").exists() else {}
         summary = make_summary(results, steps=previous.get("steps", 0),
                                train_seconds=previous.get("train_seconds", 0.0), model_config=model.config, data=spec)

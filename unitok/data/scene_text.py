@@ -21,6 +21,7 @@ compared after `normalize_text`, the text tokenizer's own normalisation (lower c
 from __future__ import annotations
 
 import random
+import re
 from typing import List, Optional, Sequence
 
 from .shapes_dataset import ShapesDataset
@@ -129,6 +130,23 @@ def make_question(rec: dict, qtype: str, rng: Optional[random.Random] = None, an
     if qtype == "colour" and other[1] == shape or qtype == "shape" and other[0] == colour:
         return None   # "the star" / "the red one" would not say which object
     return pick(_NAMED[qtype]).format(shape=shape, colour=colour, pair=f"{colour} {shape}"), answers[qtype]
+
+
+def question_type(question: str) -> Optional[str]:
+    """The type of a question the unified model was trained on (one of QUESTION_TYPES), or None for a question
+    outside them ("is there a dog?", "why is the heart purple?"), whose answer is a guess among trained answers."""
+    q = normalize_text(question)
+    colours, shapes = "|".join(DS.COLOURS), "|".join(DS.SHAPES)
+    fill = {"{}": f"(?:{colours}) (?:{shapes})", "{shape}": f"(?:{shapes})", "{colour}": f"(?:{colours})",
+            "{pair}": f"(?:{colours}) (?:{shapes})"}
+    for qtype, templates in [*_TEMPLATES.items(), *_NAMED.items()]:
+        for template in templates:
+            pattern = re.escape(template)
+            for slot, words in fill.items():
+                pattern = pattern.replace(re.escape(slot), words)
+            if re.fullmatch(pattern, q):
+                return qtype
+    return None
 
 
 def eval_questions(rec: dict, heldout_ok: bool = True) -> List[tuple]:

@@ -27,6 +27,7 @@ from typing import Dict, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate
+from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write
 from .codebook_stats import codebook_stats
@@ -57,13 +58,21 @@ def _unwrap(ds):
     return ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
 
 
-def _loader(ds, batch_size):
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=default_collate)
+def _loader(ds, batch_size, bar=None):
+    """The set's batches in order; each one advances the progress bar (a tqdm, or None) by its images."""
+    for batch in DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=default_collate):
+        yield batch
+        if bar is not None:
+            bar.update(len(batch["image"]))
+
+
+def _size(ds) -> Optional[int]:
+    return None if isinstance(ds, IterableDataset) else len(ds)
 
 
 @torch.no_grad()
 def evaluate_model(model: UniTok, eval_data: Dict[str, Dataset], batch_size: int = 64, device=None,
-                   fid: Optional[str] = None, max_images: Optional[int] = None) -> dict:
+                   fid: Optional[str] = None, max_images: Optional[int] = None, progress: bool = False) -> dict:
     """One evaluation pass; see the module docstring for what is measured.
 
     Args:
@@ -74,29 +83,33 @@ def evaluate_model(model: UniTok, eval_data: Dict[str, Dataset], batch_size: int
         device: default the model's device.
         fid: None / "none" (no FID), "proxy", or a path to torch-fidelity's Inception-v3 weights.
         max_images: use only the first N items of each set.
+        progress: show a tqdm bar over the images of every pass (the probe's training set counts too).
     Returns:
         a flat dict of JSON-serialisable values (floats, ints, lists per sub-codebook, strings).
 
     Under DDP every rank evaluates the full sets (simple and exact; evaluation is small next to training).
     """
     device = device or model_device(model)
+    n = max_images or 10 ** 9
+    recon, test, heldout = eval_data.get("recon"), eval_data.get("zero_shot"), eval_data.get("zero_shot_heldout")
+    zero_shot_sets = [(ds, suffix) for ds, suffix in ((test, ""), (heldout, "_heldout"))
+                      if ds is not None and hasattr(_unwrap(ds), "zero_shot_tasks")]
+    probe_train = eval_data.get("probe_train") if zero_shot_sets and zero_shot_sets[0][1] == "" else None
+    passes = ([_take(recon, n)] if recon is not None else []) + [_take(ds, n) for ds, _ in zero_shot_sets]
+    if probe_train is not None:
+        passes += [_take(probe_train, 2 * n), _take(test, n)] + ([_take(heldout, n)] if heldout is not None else [])
+    sizes = [_size(ds) for ds in passes]
     results: dict = {}
-    with eval_mode(model):
-        recon = eval_data.get("recon")
+    with eval_mode(model), tqdm(total=None if None in sizes else sum(sizes), desc="evaluating", unit="img",
+                                disable=not progress, leave=False) as bar:
         if recon is not None:
-            results.update(_reconstruction_metrics(model, _take(recon, max_images or 10 ** 9), batch_size, device,
-                                                   fid))
-        for key, suffix in (("zero_shot", ""), ("zero_shot_heldout", "_heldout")):
-            ds = eval_data.get(key)
-            if ds is not None and hasattr(_unwrap(ds), "zero_shot_tasks"):
-                results.update(_zero_shot_metrics(model, _take(ds, max_images or 10 ** 9), batch_size, device,
-                                                  suffix))
-        probe_train, test = eval_data.get("probe_train"), eval_data.get("zero_shot")
-        if probe_train is not None and test is not None and hasattr(_unwrap(test), "zero_shot_tasks"):
-            n = max_images or 10 ** 9
-            heldout = eval_data.get("zero_shot_heldout")
+            results.update(_reconstruction_metrics(model, _take(recon, n), batch_size, device, fid, bar))
+        for ds, suffix in zero_shot_sets:
+            results.update(_zero_shot_metrics(model, _take(ds, n), batch_size, device, suffix, bar))
+        if probe_train is not None:
             results.update(_linear_probe_metrics(model, _take(probe_train, 2 * n), _take(test, n),
-                                                 None if heldout is None else _take(heldout, n), batch_size, device))
+                                                 None if heldout is None else _take(heldout, n), batch_size, device,
+                                                 bar))
     return results
 
 
@@ -108,13 +121,13 @@ def _fid_extractor(fid: str):
     raise ValueError(f"fid must be 'none', 'proxy' or a path to Inception-v3 weights, got {fid!r}")
 
 
-def _reconstruction_metrics(model, ds, batch_size, device, fid) -> dict:
+def _reconstruction_metrics(model, ds, batch_size, device, fid, bar=None) -> dict:
     k, K = model.config.num_codebooks, model.config.codebook_size
     psnrs, ssims, codes_all, img_feats, txt_feats, captions = [], [], [], [], [], []
     # every rank evaluates the whole set, so the statistics must not be summed over ranks
     fid_acc = (FIDAccumulator(_fid_extractor(fid), device=device, reduce_over_ranks=False)
                if fid and fid != "none" else None)
-    for batch in _loader(ds, batch_size):
+    for batch in _loader(ds, batch_size, bar):
         images = batch["image"].to(device)
         q = model.quantize(images)
         tokens = model.post_quant_proj(model.quantizer.lookup(q.codes))            # (B, N, width)
@@ -140,10 +153,10 @@ def _reconstruction_metrics(model, ds, batch_size, device, fid) -> dict:
     return out
 
 
-def _zero_shot_metrics(model, ds, batch_size, device, suffix) -> dict:
+def _zero_shot_metrics(model, ds, batch_size, device, suffix, bar=None) -> dict:
     tasks = _unwrap(ds).zero_shot_tasks()
     feats, labels = [], {name: [] for name in tasks}
-    for batch in _loader(ds, batch_size):
+    for batch in _loader(ds, batch_size, bar):
         feats.append(model.encode_image(batch["image"].to(device)).float())
         for name, (_, _, key) in tasks.items():
             labels[name].append(batch["labels"][key])
@@ -162,21 +175,21 @@ def _zero_shot_metrics(model, ds, batch_size, device, suffix) -> dict:
     return out
 
 
-def _pooled_features(model, ds, batch_size, device, label_keys):
+def _pooled_features(model, ds, batch_size, device, label_keys, bar=None):
     feats, labels = [], {key: [] for key in label_keys}
-    for batch in _loader(ds, batch_size):
+    for batch in _loader(ds, batch_size, bar):
         feats.append(pooled_token_features(model, batch["image"].to(device)).float().cpu())
         for key in label_keys:
             labels[key].append(batch["labels"][key])
     return torch.cat(feats), {key: torch.cat(v) for key, v in labels.items()}
 
 
-def _linear_probe_metrics(model, train_ds, test_ds, heldout_ds, batch_size, device) -> dict:
+def _linear_probe_metrics(model, train_ds, test_ds, heldout_ds, batch_size, device, bar=None) -> dict:
     """Per zero-shot task: a logistic regression on the frozen pooled tokens of train_ds, scored on test_ds."""
     tasks = _unwrap(test_ds).zero_shot_tasks()
     keys = sorted({key for _, _, key in tasks.values()})
-    train_x, train_y = _pooled_features(model, train_ds, batch_size, device, keys)
-    test_x, test_y = _pooled_features(model, test_ds, batch_size, device, keys)
+    train_x, train_y = _pooled_features(model, train_ds, batch_size, device, keys, bar)
+    test_x, test_y = _pooled_features(model, test_ds, batch_size, device, keys, bar)
     out: dict = {"linear_probe_train_images": len(train_x), "linear_probe_test_images": len(test_x)}
     for name, (_, _, key) in tasks.items():
         out[f"linear_probe_{name}_top1"] = linear_probe(train_x, train_y[key], test_x, test_y[key])["top1"]
@@ -184,7 +197,7 @@ def _linear_probe_metrics(model, train_ds, test_ds, heldout_ds, batch_size, devi
     out["linear_probe_top1"] = out[f"linear_probe_{headline}_top1"]
     if heldout_ds is not None:  # the headline classes on colour x shape pairs never seen in training
         key = tasks[headline][2]
-        held_x, held_y = _pooled_features(model, heldout_ds, batch_size, device, [key])
+        held_x, held_y = _pooled_features(model, heldout_ds, batch_size, device, [key], bar)
         out["linear_probe_top1_heldout"] = linear_probe(train_x, train_y[key], held_x, held_y[key])["top1"]
     return out
 

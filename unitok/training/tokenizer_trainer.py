@@ -179,10 +179,13 @@ class Trainer(TrainerBase):
                 "codebook_window_tokens": s["window_tokens"]}
 
     # ------------------------------------------------------------------ evaluation
+    evaluation_progress = False     # a tqdm bar over each evaluation's images (the CLI turns it on)
+
     def evaluation(self, fid: Optional[str] = None, max_images: Optional[int] = None) -> dict:
         """Full evaluation pass; see `evaluate_model`. `evaluate()` (the base) logs it and saves best/ by PSNR."""
         return evaluate_model(self.model, self.eval_data, batch_size=self.config.batch_size,
-                              device=self.device, fid=fid, max_images=max_images)
+                              device=self.device, fid=fid, max_images=max_images,
+                              progress=self.evaluation_progress and self.is_main)
 
     # ------------------------------------------------------------------ checkpoints
     def extra_state(self) -> dict:
