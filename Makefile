@@ -9,7 +9,7 @@ LAB_STAMP  := $(VENV)/.installed-lab
 LAB_EXTRAS := notebook
 PORT    ?= 8888
 
-.PHONY: venv test lab data clean bench checkpoint generator mllm docs-notebooks
+.PHONY: venv test lab lab-times data clean bench checkpoint generator mllm docs-notebooks
 
 venv: $(STAMP)
 
@@ -62,6 +62,13 @@ lab: $(LAB_STAMP) $(LAB_SETTINGS)
 # Runs the real notebooks in classroom mode, one after another (the run times land in docs/notebooks/runs.jsonl).
 # Another set: make docs-notebooks DOCS_NOTEBOOKS="00_quickstart 05_zero_shot_understanding"
 DOCS_NOTEBOOKS ?= 02_codebook_utilization 04_token_embeddings
+# Measure every notebook's classroom run (fresh kernel, top to bottom) and write the times, scaled to 192 GFLOP/s,
+# into the README's and the notebooks' tables (docs/notebooks/classroom_times.json keeps the record). Some:
+# make lab-times LAB_TIMES="02_codebook_utilization 07_generation"
+LAB_TIMES ?=
+lab-times: $(LAB_STAMP)
+	$(BIN)/python -m unitok_widgets.lab_times $(LAB_TIMES)
+
 docs-notebooks: $(LAB_STAMP)
 	$(BIN)/python -c 'import sys; from unitok_widgets.lab import _main; _main(sys.argv[1:])' \
 		--mode classroom --out docs/notebooks $(DOCS_NOTEBOOKS:%=notebooks/%.ipynb)

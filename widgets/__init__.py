@@ -21,7 +21,9 @@ from .lab import Lab, notebook_setup
 from .reconstruction import ReconstructionViewer
 from .token_grid import TokenGrid
 from .training import TrainingDashboard
+from .training_figures import heading_figure, read_eval_history
 from .zero_shot import ZeroShotPanel
 
 __all__ = ["LOSS_COLOURS", "codebook_colour", "TrainingDashboard", "CodebookUsage", "ReconstructionViewer", "TokenEmbeddingExplorer", "TokenGrid",
-           "ZeroShotPanel", "GenerationExplorer", "UnifiedChat", "Lab", "notebook_setup"]
+           "ZeroShotPanel", "GenerationExplorer", "UnifiedChat", "Lab", "notebook_setup",
+           "heading_figure", "read_eval_history"]

@@ -171,3 +171,39 @@ def static_training_figure(c: dict, log_steps: np.ndarray, usage: np.ndarray, de
         a.tick_params(labelsize=8)
     fig.suptitle(f"Training — step {step_count}", fontsize=12)
     return fig
+
+
+def read_eval_history(folder) -> list:
+    """The evaluations a model folder recorded over its training (`eval_history.jsonl`, one JSON per line), or []."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "eval_history.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def heading_figure(live: list, recorded: list, metrics: dict, *, chance: float | None = None,
+                   live_label: str = "this run", recorded_label: str = "the bundled model's run"):
+    """Where a short live run is heading: its evaluations beside a full run's recorded ones, on a log step axis.
+
+    live, recorded: [{"step": int, metric: value in [0, 1], ...}]; metrics: {metric: panel title}. -> Figure.
+    """
+    fig = new_figure(4.2 * len(metrics) + 0.6, 3.2)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, (metric, title) in zip(axes, metrics.items()):
+        for rows, style, label in ((recorded, dict(color="#999999", ls="--", marker="o"), recorded_label),
+                                   (live, dict(color="#4e79a7", ls="-", marker="D", ms=7), live_label)):
+            points = [(r["step"], 100 * r[metric]) for r in rows if r.get(metric) is not None]
+            if points:
+                ax.plot(*zip(*points), label=label, **style)
+        if chance is not None:
+            ax.axhline(100 * chance, color="#e15759", lw=1, ls=":", label=f"chance ({100 * chance:.1f} %)")
+        ax.set_xscale("log")
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("training step (log scale)")
+        ax.set_ylabel("%")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, loc="upper left")
+    return fig

@@ -131,6 +131,8 @@ def _export(args) -> int:
         model.save_pretrained(tmp, dtype=dtype)
         if (run / "summary.json").exists():
             (tmp / "summary.json").write_text((run / "summary.json").read_text())
+        if (run / "eval.jsonl").exists():   # the run's evaluations over training: where a short live run heads
+            (tmp / "eval_history.jsonl").write_text((run / "eval.jsonl").read_text())
     size = sum(f.stat().st_size for f in dest.iterdir()) / 1e6
     print(f"exported {src} -> {dest} ({args.dtype}, {size:.1f} MB)")
     return 0

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.bundled import BUNDLED_SHAPE_CLASSIFIER
 from ..data.files import default_cache_dir
 from ..data.shapes_dataset import ShapesDataset
 from ..checkpoint import atomic_write, load_state_dict_checked, read_torch
@@ -64,7 +65,8 @@ def real_images(split: str, n: int, image_size: int, seed: int) -> tuple:
 
 def load_shape_classifier(image_size: int = 32, cache_dir: Optional[Union[str, Path]] = None, steps: int = 600,
                           progress: bool = True) -> ShapeClassifier:
-    """The cached classifier for this image size, trained on first use (one to two minutes on 2 CPU cores).
+    """The cached classifier for this image size, trained on first use (one to two minutes on 2 CPU cores); the
+    repository ships the 32 px, 600-step one in data/shape-classifier/, so notebooks and commands skip that.
 
     Trained on 12 000 real single-object images: train split plus the held-out-pair split (every colour x shape
     pair). `classifier.accuracy` holds its accuracy on 1000 unseen test-split images and 500 held-out-pair images.
@@ -73,6 +75,9 @@ def load_shape_classifier(image_size: int = 32, cache_dir: Optional[Union[str, P
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / f"shape_classifier_{image_size}px_{steps}steps_v1.pt"   # a quick (smoke) one never replaces it
+    bundled = BUNDLED_SHAPE_CLASSIFIER / path.name     # shipped in data/: the same seeded training, done once
+    if cache_dir is None and bundled.is_file():
+        path = bundled
     model = ShapeClassifier()
     if path.is_file():
         state = read_torch(path, what="a cached shape classifier")
