@@ -128,13 +128,19 @@ VIEW_CSS = """<style>
    bright as an enabled one. Grey it out and show a 'not allowed' cursor. */
 .unitok-view button:disabled, .unitok-view .jupyter-button:disabled, .unitok-view .widget-button:disabled {
   opacity: 0.38 !important; filter: grayscale(100%); cursor: not-allowed !important; box-shadow: none !important;}
+/* A view's controls answer only when the kernel is free. While a cell (or Run All's queue) keeps it busy, a click
+   waits silently; this note says so. JupyterLab marks its notebook toolbar's execution indicator data-status. */
+.unitok-busy-note {display: none; color: #a05a00; font-size: 12px; margin: 0 0 4px 0;}
+.jp-NotebookPanel:has(.jp-Notebook-ExecutionIndicator[data-status="busy"]) .unitok-busy-note {display: block;}
 </style>"""
+BUSY_NOTE = ("<div class='unitok-busy-note'>⏳ the kernel is busy (a cell is running, or this view is working): "
+             "clicks here are answered when it is free. ■ stops a long cell.</div>")
 
 
 def pixelated_css() -> W.HTML:
     """A tiny style tag shared by every view: square pixels when the browser rescales an image (browsers smooth
-    them otherwise), and disabled buttons drawn greyed out."""
-    return W.HTML(VIEW_CSS, layout=W.Layout(height="0px", margin="0"))
+    them otherwise), disabled buttons drawn greyed out, and a note shown only while the kernel is busy."""
+    return W.HTML(VIEW_CSS + BUSY_NOTE, layout=W.Layout(margin="0"))
 
 
 def error_map(original: torch.Tensor, reconstruction: torch.Tensor, vmax: float = 1.0,

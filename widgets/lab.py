@@ -79,25 +79,28 @@ class Lab:
         return {"smoke": smoke, "classroom": classroom, "full": full}[self.mode]
 
     @contextlib.contextmanager
-    def stoppable(self, *trainers):
+    def stoppable(self, *trainers, note: Optional[str] = None):
         """Run a training or sampling cell so that Kernel > Interrupt (■) ends it with one line instead of a
         traceback, "stopped at step N; the model keeps its weights ...", and ends Run All there: the cell counts
         as interrupted (an error), so the queued cells below do not run on a half-trained model. The trainers keep
-        their last finished step; run the cell again to go on."""
+        their last finished step; run the cell again to go on. `note` replaces what is said about the trainers
+        (e.g. "the finished runs are kept in runs/x")."""
         try:
             yield
         except KeyboardInterrupt as interrupt:
-            raise TrainingInterrupted(stopped_message(trainers, interrupt)) from None
+            raise TrainingInterrupted(stopped_message(trainers, interrupt, note)) from None
 
 
-def stopped_message(trainers=(), interrupt: Optional[BaseException] = None) -> str:
+def stopped_message(trainers=(), interrupt: Optional[BaseException] = None, note: Optional[str] = None) -> str:
     """The one line an interrupted cell shows: where each trainer stopped and that the queue stopped too."""
     if isinstance(interrupt, TrainingInterrupted) and str(interrupt).startswith("■"):
         return str(interrupt)                                    # already this line (raised by `Lab.stoppable`)
     steps = sorted({int(getattr(t, "step_count", 0)) for t in trainers})
     where = "" if not steps else f" at step {steps[0]}" if len(steps) == 1 else \
         f" at steps {', '.join(map(str, steps))}"
-    if trainers:
+    if note:
+        first = f"stopped; {note}"
+    elif trainers:
         whose = "the models keep their weights" if len(trainers) > 1 else "the model keeps its weights"
         first = f"stopped{where}; {whose}"
     else:

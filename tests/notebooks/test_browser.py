@@ -493,6 +493,14 @@ def test_dashboard_explorer_chat_and_viewers_fit_a_1000px_window(browser, lab):
                 ARTIFACTS.mkdir(parents=True, exist_ok=True)
                 root.screenshot(path=str(ARTIFACTS / f"browser_1000px_{view}.png"))
             assert not problems, "\n".join(f"{view}: {p}" for view, found in problems.items() for p in found)
+            # a view says when its clicks must wait: the note shows exactly while JupyterLab marks the kernel busy
+            indicator = page.locator(".jp-Notebook-ExecutionIndicator").first
+            assert indicator.get_attribute("data-status") == "idle"
+            note = page.locator(".unitok-trainingdashboard .unitok-busy-note").first
+            assert not note.is_visible()
+            indicator.evaluate("e => e.setAttribute('data-status', 'busy')")
+            assert note.is_visible() and "the kernel is busy" in note.inner_text()
+            indicator.evaluate("e => e.setAttribute('data-status', 'idle')")
         finally:
             page.close()
     finally:

@@ -55,6 +55,7 @@ assert len(results["codebook_usage"]) == k and results["eval_images"] == EVAL_IM
 assert 0.0 <= results["zero_shot_top1"] <= 1.0
 assert list(history.index) == list(range(1, TRAIN_STEPS + 2))
 assert dashboard.timings["redraws"] >= 1 and list(dashboard.usage_heatmap.x)[-1] == trainer.step_count
+assert [r["step"] for r in recorded] == [400, 800, 1200, 1600]         # the bundled run's curve it is drawn beside
 """,
     "02_codebook_utilization": """
 for name, trainer in runs.items():
@@ -250,3 +251,17 @@ def test_notebook_runs_in_smoke_mode_then_its_checks(name):
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "checks passed" in outputs
     assert "mode: smoke" in outputs
+
+
+def test_words_match_the_model_they_describe():
+    """Where a notebook states how the bundled model works, the model's config agrees: 00 says how encode_image
+    pools the quantized tokens, and the bundled checkpoint pools that way."""
+    import json
+
+    config = json.loads((ROOT / "data" / "tiny-shapes" / "config.json").read_text())
+    pool = config.get("model", config).get("image_pool", "mean")
+    nb = nbformat.read(NOTEBOOK_DIR / "00_quickstart.ipynb", as_version=4)
+    text = next(c.source for c in nb.cells if c.cell_type == "markdown" and "`encode_image`" in c.source)
+    said = {"max": "**maximum**", "mean": "averages"}[pool]
+    assert said in text, f"00 must say that encode_image pools by {pool}"
+    assert ({"max": "averages", "mean": "**maximum**"}[pool]) not in text
