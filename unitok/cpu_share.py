@@ -37,6 +37,15 @@ def apply_wait_policy() -> bool:
     return True
 
 
+def wait_policy_note() -> Optional[str]:
+    """A line for a process whose torch was imported before unitok (so the short spin could not be set), else None:
+    such a process spins at every OpenMP barrier and, beside a polite one, slows to a crawl (13x measured)."""
+    if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        return None
+    return ("note: torch was imported before unitok, so this process keeps PyTorch's long OpenMP spin and shares a "
+            "busy CPU badly; restart the kernel and import unitok (or unitok_widgets) before torch")
+
+
 @dataclass
 class Process:
     pid: int

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from unitok.cpu_share import cpu_usage
+from unitok.cpu_share import cpu_usage, wait_policy_note
 from unitok.training.trainer import TrainingInterrupted
 
 MODES = ("smoke", "classroom", "full")
@@ -160,6 +160,8 @@ def notebook_setup(checkpoint: bool = False, seed: int = 0, quiet: bool = False)
         usage = cpu_usage()           # a busy CPU makes every time in the notebook longer: say so now, and why
         if usage is not None:
             print(usage.describe())
+        if wait_policy_note():
+            print(wait_policy_note())
     return lab
 
 

@@ -15,9 +15,11 @@ def test_import_unitok_sets_a_short_spin_unless_the_user_chose_one():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "PASSIVE"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "None"                   # the user's policy wins
-    late = "import os, torch, unitok; print(os.environ.get('GOMP_SPINCOUNT'))"
+    late = ("import os, torch, unitok; from unitok.cpu_share import wait_policy_note; "
+            "print(os.environ.get('GOMP_SPINCOUNT')); print(wait_policy_note())")
     out = subprocess.run([sys.executable, "-c", late], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "None"                   # too late once torch is loaded: not pretended
+    spin, note = out.stdout.strip().splitlines()
+    assert spin == "None" and "torch was imported before unitok" in note     # too late: said, not pretended
 
 
 def test_cpu_usage_sees_a_busy_process_and_says_what_to_expect():
