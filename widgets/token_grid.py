@@ -164,7 +164,11 @@ class TokenGrid(View):
         side = W.VBox([W.HTML("<b>selected patch</b> (and its surroundings)"), self.patch_image, self.table],
                       layout=W.Layout(margin="0 0 0 12px", width="250px", min_width="250px"))
         # The figure and the side panel wrap onto two rows in a narrow output area instead of overlapping.
-        body = W.HBox([self.figure, side], layout=W.Layout(flex_flow="row wrap", align_items="flex-start"))
+        # The figure sits in a box of its drawn size: plotly draws after the row is laid out, and a row sized by the
+        # not-yet-drawn figure let the wrapped side panel overlap the figure's bottom.
+        figure_box = W.Box([self.figure], layout=W.Layout(width=f"{2 * self.px + 60}px", height=f"{self.px + 60}px",
+                                                          min_width=f"{2 * self.px + 60}px"))
+        body = W.HBox([figure_box, side], layout=W.Layout(flex_flow="row wrap", align_items="flex-start"))
         controls = W.HBox([self.index, self.codebook, self.opacity, self.row, self.col],
                           layout=W.Layout(flex_flow="row wrap", align_items="center"))
         for control in controls.children:

@@ -257,7 +257,7 @@ def test_dashboard_steps_in_the_browser(browser, lab):
         status = page.locator(".widget-html-content", has_text="UI overhead").first
 
         def shown_step() -> int:
-            return int(re.search(r"step (\d+)", status.inner_text()).group(1))
+            return int(re.search(r"step (\d+)", status.text_content()).group(1))   # off-screen cells render no innerText
 
         def loss_path() -> str:
             return page.locator(".js-plotly-plot .scatterlayer .trace path.js-line").first.get_attribute("d") or ""
@@ -284,7 +284,7 @@ def test_dashboard_steps_in_the_browser(browser, lab):
               "Run to be disabled while training")
         if run_button.is_disabled():
             assert float(run_button.evaluate("e => getComputedStyle(e).opacity")) < 0.5
-        _poll(page, lambda: shown_step() == step_before + 1 + more and "idle" in status.inner_text(), 300,
+        _poll(page, lambda: shown_step() == step_before + 1 + more and "idle" in status.text_content(), 300,
               f"Run to train {more} steps")
         _screenshot(page, status, "browser_01_train_step_by_step", "dashboard.png")
     finally:
@@ -496,12 +496,77 @@ def test_dashboard_explorer_chat_and_viewers_fit_a_1000px_window(browser, lab):
             # a view says when its clicks must wait: the note shows exactly while JupyterLab marks the kernel busy
             indicator = page.locator(".jp-Notebook-ExecutionIndicator").first
             assert indicator.get_attribute("data-status") == "idle"
-            note = page.locator(".unitok-trainingdashboard .unitok-busy-note").first
-            assert not note.is_visible()
-            indicator.evaluate("e => e.setAttribute('data-status', 'busy')")
-            assert note.is_visible() and "the kernel is busy" in note.inner_text()
-            indicator.evaluate("e => e.setAttribute('data-status', 'idle')")
+            # (set and read in one synchronous script: JupyterLab re-renders the indicator soon after)
+            shown = indicator.evaluate("""e => {
+                const note = document.querySelector('.unitok-trainingdashboard .unitok-busy-note');
+                const idle = getComputedStyle(note).display;
+                e.setAttribute('data-status', 'busy');
+                const busy = getComputedStyle(note).display;
+                e.setAttribute('data-status', 'idle');
+                return [idle, busy, note.textContent];
+            }""")
+            assert shown[:2] == ["none", "block"] and "the kernel is busy" in shown[2], shown
         finally:
             page.close()
     finally:
+        path.unlink(missing_ok=True)
+
+
+INTERRUPT_CELLS = [
+    "from unitok_widgets import notebook_setup\nimport time, types\nlab = notebook_setup(quiet=True)",
+    "trainer = types.SimpleNamespace(step_count=0)\n"
+    "with lab.stoppable(trainer):\n"
+    "    print('training', flush=True)\n"
+    "    for _ in range(600):\n"
+    "        time.sleep(0.1)\n"
+    "        trainer.step_count += 1",
+    "after = 'this cell ran'\nprint(after)",
+]
+
+
+def test_stop_during_run_all_stops_the_queue_with_one_line(browser, lab):
+    """Run All, then ■ (Kernel > Interrupt) while the training cell runs: that cell shows one line, no traceback,
+    and the cell queued after it does not run."""
+    import nbformat
+
+    path = NOTEBOOKS / "_interrupt_run_all.ipynb"
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in INTERRUPT_CELLS]
+    nbformat.write(nb, path)
+    base, token = lab
+    page = browser.new_page()
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(f"{base}/lab/tree/{path.name}?reset&token={token}")
+        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+        _poll(page, lambda: _kernel_state(lab, path.name) == "idle", 120, "the notebook's kernel to start")
+        page.wait_for_timeout(1000)
+        page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+        page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+        cells = page.locator(".jp-Notebook .jp-CodeCell")
+        started = cells.nth(1).locator(".jp-OutputArea-output", has_text="training")     # its output, not its code
+        _poll(page, lambda: started.count() > 0, 120, "the training cell to start")
+        page.wait_for_timeout(1500)
+        page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Kernel$")).click()
+        page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Interrupt Kernel$")).click()
+        try:
+            _poll(page, lambda: page.locator(".jp-OutputArea-output", has_text="■ stopped").count() == 1, 60,
+                  "the one-line stop message")
+        except TimeoutError:
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "failed_interrupt_run_all.png"), full_page=True)
+            raise AssertionError(f"no stop message; cells: {[cells.nth(i).inner_text() for i in range(3)]}")
+        _poll(page, lambda: _kernel_state(lab, path.name) == "idle", 60, "the kernel to be idle again")
+        page.wait_for_timeout(2000)                       # time for a wrongly queued cell to run and print
+        stopped = page.locator(".jp-OutputArea-output", has_text="■ stopped").first.inner_text().strip()
+        assert stopped.startswith("■ stopped at step ") and "The cells below were not run" in stopped, stopped
+        assert "\n" not in stopped and not TRACEBACK.search(stopped), stopped
+        assert cells.nth(2).locator(".jp-OutputArea-output").count() == 0, "a queued cell ran after ■"
+        prompt = cells.nth(2).locator(".jp-InputArea-prompt").inner_text().strip()
+        assert not re.search(r"\d", prompt), f"the third cell ran: prompt {prompt!r}"
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "browser_interrupt_run_all.png"), full_page=True)
+    finally:
+        page.close()
         path.unlink(missing_ok=True)

@@ -69,7 +69,8 @@ def test_interrupt_shows_one_line_and_stops_the_queue(kernel, cell):
     assert [r["status"] for r in replies] == ["error", "aborted", "aborted"]
     assert len(errors) == 1, errors
     [error] = errors
-    [line] = error["traceback"]                                  # one line, not a screen of traceback
+    assert len(error["traceback"]) == 1, error["traceback"]     # one line, not a screen of traceback
+    [line] = error["traceback"]
     assert line.startswith("■ stopped") and "The cells below were not run" in line
     if "step_count=7" in cell:
         assert line.startswith("■ stopped at step 7; the model keeps its weights.")

@@ -190,7 +190,8 @@ def test_sigkill_during_export_leaves_nothing_or_everything(finished_run, tmp_pa
         proc.kill()
         proc.wait()
         if dest.exists():   # renamed into place only when complete
-            assert sorted(p.name for p in dest.iterdir()) == ["config.json", "model.safetensors", "summary.json"]
+            assert sorted(p.name for p in dest.iterdir()) == ["config.json", "eval_history.jsonl", "model.safetensors",
+                                                              "summary.json"]
             unitok.UniTok.from_pretrained(dest)
 
 
