@@ -7,9 +7,12 @@ re-drawn when a notebook is merely opened, so the cells are executed in the page
 Needs Debian's chromium (/usr/bin/chromium) and the PyPI package playwright (never `playwright install`: it
 downloads a browser). Without them the test is skipped, except under CI (env CI set), where it fails.
 
-A third test runs the ZeroShotPanel and the TokenGrid in a 1000 px wide window (about 850 px of output area) and
-checks their layout from the browser's own bounding boxes: no overlapping columns, nothing outside the output area,
-the Apply button on screen, and comma-separated class names giving one bar each.
+Layout tests run views in a 1000 px wide window (about 820 px of output area) and check them from the browser's
+own boxes (LAYOUT_PROBLEMS_JS): the ZeroShotPanel and the TokenGrid (no overlapping columns, the Apply button on
+screen, comma-separated class names giving one bar each), then the training dashboard, the generation explorer,
+the unified chat, the reconstruction viewer and the codebook view (nothing cut, overlapping or outside; colour bars
+with ticks; the busy-kernel note hidden when idle, shown when busy). The last test presses Run All, then ■ during a
+training cell: one line, and the queued cell does not run.
 
 Artifacts: full-window screenshots in tests/artifacts/ (git-ignored). With UNITOK_UPDATE_SCREENSHOTS=1 (or when
 they are missing) they are also copied to docs/screenshots/quickstart.png and dashboard.png for the README.
