@@ -41,6 +41,7 @@ def _run_all_then_interrupt(km, kc, cells: list[str]) -> tuple[list[dict], list[
         msg = kc.get_iopub_msg(timeout=60)
         started = msg["msg_type"] == "stream" and "running" in msg["content"].get("text", "")
     assert started, "the first cell never started"
+    time.sleep(1.0)                  # well inside the cell's long call, not in the print that announced it
     km.interrupt_kernel()
     replies = {}
     while len(replies) < len(ids):

@@ -32,7 +32,7 @@ def test_cpu_usage_sees_a_busy_process_and_says_what_to_expect():
         busy.wait()
     assert usage is not None and usage.cores >= 1
     mine = [p for p in usage.busy if p.pid == busy.pid]
-    assert mine and mine[0].cores > 0.3, usage
+    assert mine and mine[0].cores > 0.2, usage           # a spinning child gets a share even on a busy machine
     assert usage.other_cores >= mine[0].cores - 0.01
     assert usage.describe().startswith("CPU busy: ")
 
