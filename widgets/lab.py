@@ -160,8 +160,9 @@ def notebook_setup(checkpoint: bool = False, seed: int = 0, quiet: bool = False)
         usage = cpu_usage()           # a busy CPU makes every time in the notebook longer: say so now, and why
         if usage is not None:
             print(usage.describe())
-        if wait_policy_note():
-            print(wait_policy_note())
+        note = wait_policy_note()
+        if note:
+            print(note)
     return lab
 
 
@@ -219,6 +220,27 @@ def matmul_gflops(size: int = 1024, repeats: int = 3) -> float:
     return matmul_peak(size=size, repeats=repeats)
 
 
+def execute_in_mode(nb, path: Path, mode: str, timeout: int = 3600) -> None:
+    """Execute notebook `nb` (read from `path`, run in its folder) in a fresh kernel in `mode`; the mode's
+    environment variables are set for the kernel and restored afterwards. Outputs land in `nb`."""
+    import nbclient
+
+    saved = {key: os.environ.get(key) for key in ("UNITOK_SMOKE", "UNITOK_MODE")}
+    os.environ.pop("UNITOK_SMOKE", None)
+    os.environ["UNITOK_MODE"] = mode
+    if mode == "smoke":
+        os.environ["UNITOK_SMOKE"] = "1"
+    try:
+        nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                                resources={"metadata": {"path": str(Path(path).parent)}}).execute()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def execute_to_docs(path, out_dir, mode: str = "classroom", timeout: int = 3600) -> dict:
     """Run notebooks/<name>.ipynb in `mode` in a fresh kernel and write <out_dir>/<name>.ipynb with its outputs.
 
@@ -226,29 +248,15 @@ def execute_to_docs(path, out_dir, mode: str = "classroom", timeout: int = 3600)
     """
     import time
 
-    import nbclient
     import nbformat
 
     path, out_dir = Path(path), Path(out_dir)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     nb = nbformat.read(path, as_version=4)
-    saved = {key: os.environ.get(key) for key in ("UNITOK_SMOKE", "UNITOK_MODE")}
-    os.environ.pop("UNITOK_SMOKE", None)
-    os.environ["UNITOK_MODE"] = mode
-    if mode == "smoke":
-        os.environ["UNITOK_SMOKE"] = "1"
     gflops = matmul_gflops()
     start = time.perf_counter()
-    try:
-        nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                resources={"metadata": {"path": str(path.parent)}}).execute()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    execute_in_mode(nb, path, mode, timeout)
     seconds = time.perf_counter() - start
     strip_widget_views(nb)
     shrink_pngs(nb)

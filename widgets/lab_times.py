@@ -26,7 +26,7 @@ from unitok.checkpoint import atomic_write
 from unitok.cpu_share import cpu_usage
 from unitok.training.machine import REFERENCE_GFLOPS, matmul_peak
 
-from .lab import repo_root
+from .lab import execute_in_mode, repo_root
 
 RECORD_NAME = "docs/notebooks/classroom_times.json"
 CLASSROOM_ROW = re.compile(r"^\| classroom \| default \|(?P<what>[^|]*)\|(?P<time>[^|]*)\|\s*$", re.M)
@@ -47,27 +47,13 @@ def read_record(root: Optional[Path] = None) -> dict:
 
 def time_notebook(path: Path, timeout: int = 3600) -> dict:
     """Run one notebook in classroom mode in a fresh kernel (outputs discarded). -> its record."""
-    import os
-
-    import nbclient
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
-    saved = {key: os.environ.get(key) for key in ("UNITOK_SMOKE", "UNITOK_MODE")}
-    os.environ.pop("UNITOK_SMOKE", None)
-    os.environ["UNITOK_MODE"] = "classroom"
     usage = cpu_usage()
     before = matmul_peak()
     start = time.perf_counter()
-    try:
-        nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                resources={"metadata": {"path": str(path.parent)}}).execute()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    execute_in_mode(nb, path, "classroom", timeout)
     seconds = time.perf_counter() - start
     after = matmul_peak()
     gflops = (before + after) / 2

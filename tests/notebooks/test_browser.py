@@ -177,6 +177,18 @@ def _open_and_run_all(context, lab, name: str, viewport: dict | None = None):
     return page
 
 
+def _scratch_notebook(name: str, cells: list) -> Path:
+    """notebooks/<name> with one code cell per source in `cells` (the caller removes it when done)."""
+    import nbformat
+
+    path = NOTEBOOKS / name
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in cells]
+    nbformat.write(nb, path)
+    return path
+
+
 def _kernel_state(lab, name: str):
     """The server's view of the notebook's kernel: "starting", "idle", "busy", ... or None (no session yet)."""
     base, token = lab
@@ -322,13 +334,7 @@ def test_zero_shot_panel_and_token_grid_fit_a_1000px_window(browser, lab):
     """At a 1000 px wide window (about 850 px of output area): no column of the ZeroShotPanel or the TokenGrid
     overlaps another or leaves the output area, the Apply button is on screen, and typing comma-separated class
     names then pressing Apply gives one bar per class."""
-    import nbformat
-
-    path = NOTEBOOKS / "_layout_1000px.ipynb"
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(source) for source in LAYOUT_CELLS]
-    nbformat.write(nb, path)
+    path = _scratch_notebook("_layout_1000px.ipynb", LAYOUT_CELLS)
     try:
         page = _open_and_run_all(browser, lab, path.name, viewport=VIEWPORT)
         try:
@@ -473,13 +479,7 @@ def test_dashboard_explorer_chat_and_viewers_fit_a_1000px_window(browser, lab):
     """At a 1000 px wide window (about 820 px of output area), nothing in the training dashboard, the generation
     explorer, the unified chat, the reconstruction viewer or the codebook-usage view is cut, overlapping or outside
     the output area (see LAYOUT_PROBLEMS_JS)."""
-    import nbformat
-
-    path = NOTEBOOKS / "_views_1000px.ipynb"
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(source) for source in VIEW_CELLS]
-    nbformat.write(nb, path)
+    path = _scratch_notebook("_views_1000px.ipynb", VIEW_CELLS)
     try:
         page = _open_and_run_all(browser, lab, path.name, viewport=VIEWPORT)
         try:
@@ -530,13 +530,7 @@ INTERRUPT_CELLS = [
 def test_stop_during_run_all_stops_the_queue_with_one_line(browser, lab):
     """Run All, then ■ (Kernel > Interrupt) while the training cell runs: that cell shows one line, no traceback,
     and the cell queued after it does not run."""
-    import nbformat
-
-    path = NOTEBOOKS / "_interrupt_run_all.ipynb"
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(source) for source in INTERRUPT_CELLS]
-    nbformat.write(nb, path)
+    path = _scratch_notebook("_interrupt_run_all.ipynb", INTERRUPT_CELLS)
     base, token = lab
     page = browser.new_page()
     page.set_default_timeout(60_000)
