@@ -32,14 +32,22 @@ def test_quantizer_benchmark_prints_finite_ratios():
     assert peaks and all(math.isfinite(float(p)) and float(p) > 0 for p in peaks.groups()), out
 
 
-def test_throughput_benchmark_prints_peak_ratio_for_fp32_and_bf16():
-    out = run("benchmarks/train_throughput.py", "--presets", "tiny", "--batch", "4", "--steps", "1")
-    assert "matmul peak" in out and "images/s" in out
-    fractions = re.findall(r"tiny +(fp32|bf16) .* (\S+) x matmul peak", out)
-    assert [p for p, _ in fractions] == ["fp32", "bf16"], out
-    assert all(math.isfinite(float(f)) and float(f) > 0 for _, f in fractions), out
-    speed = re.search(r"tiny +bf16 autocast / fp32 step speed: (\S+)x", out)
-    assert speed and float(speed.group(1)) > 0, out
+def test_throughput_benchmark_prints_each_precision_and_mode_against_its_own_peak():
+    # aot_eager: the compiled path without a minute of C++ compilation (the trainers use inductor)
+    out = run("benchmarks/train_throughput.py", "--presets", "tiny", "--batch", "4", "--steps", "1",
+              "--backend", "aot_eager")
+    peaks = re.search(r"fp32 (\S+) -> (\S+), bf16 (\S+) -> (\S+) GFLOP/s", out)
+    assert peaks and all(float(p) > 0 for p in peaks.groups()), out
+    rows = re.findall(r"^tiny +(fp32|bf16) +(eager|compiled) +(\S+) +\S+ +\S+ +\S+ +(\S+)x +(\S+)x +(\S+)$", out, re.M)
+    assert [(p, m) for p, m, *_ in rows] == [("fp32", "eager"), ("fp32", "compiled"), ("bf16", "eager"),
+                                             ("bf16", "compiled")], out
+    for precision, mode, ms, of_own, of_fp32, compile_s in rows:
+        assert float(ms) > 0 and float(of_own) > 0 and float(of_fp32) > 0, out
+        assert (float(compile_s) > 0) == (mode == "compiled"), out   # only a compiled step reports compilation
+        if precision == "fp32":
+            assert of_own == of_fp32, out
+    assert re.search(r"tiny +fp32 compiled against fp32 eager: \S+x step speed; against fp32 eager \S+x, "
+                     r"compilation earned back (after \d+ steps|never)", out), out
 
 
 def test_step_profile_splits_each_setting_into_regions_and_compares_them():

@@ -141,6 +141,28 @@ def test_cpu_bf16_choice_is_explicit_and_checked():
         TrainConfig(cpu_bf16="fast")
 
 
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, False, True), (False, True, True),
+                                                        (False, False, False), ("raises", False, False)])
+def test_bf16_hardware_is_amx_or_avx512_bf16(monkeypatch, amx, avx512_bf16, expected):
+    from unitok.training import machine
+
+    def probe(answer):
+        def ask():
+            if answer == "raises":
+                raise RuntimeError("cpuinfo unavailable")
+            return answer
+        return ask
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", probe(amx), raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", probe(avx512_bf16), raising=False)
+    machine.cpu_has_bf16_matmul.cache_clear()
+    try:
+        assert machine.cpu_has_bf16_matmul() is expected
+    finally:
+        monkeypatch.undo()
+        machine.cpu_has_bf16_matmul.cache_clear()
+
+
 def test_training_autocast_runs_matmuls_in_bf16_and_attention_through_the_math_kernel():
     import torch.nn.functional as F
     from unitok.training.machine import training_autocast

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .common import Interrupted, interrupt_message, read_json, report_skipped
+from ..training.machine import REFERENCE_GFLOPS
 
 __all__ = ["add_tokenizer_commands"]
 
@@ -108,8 +109,9 @@ def _eval(args) -> int:
         results = evaluate_model(model, eval_data, batch_size=saved["train"]["batch_size"], device=device,
                                  fid=args.fid, progress=True)
         previous = read_json(run / "summary.json", "the run's summary") if (run / "summary.json").exists() else {}
-        summary = make_summary(results, steps=previous.get("steps", 0),
-                               train_seconds=previous.get("train_seconds", 0.0), model_config=model.config, data=spec)
+        times = {key: value for key, value in previous.items() if key.endswith("seconds") or "_seconds_" in key}
+        summary = make_summary(results, steps=previous.get("steps", 0), times=times, model_config=model.config,
+                               data=spec)
         summary["evaluated"] = str(weights)
         write_run_outputs(run, summary, model, eval_data, device)
     _print_summary(summary)
@@ -179,8 +181,9 @@ def _presets(args) -> int:
 
 
 def _print_summary(summary: dict) -> None:
-    keys = ["steps", "train_seconds", "psnr", "ssim", "codebook_usage", "zero_shot_top1", "zero_shot_top1_heldout",
-            "fid", "fid_extractor"]
+    keys = ["steps", "precision", "train_seconds", "eval_seconds", "compile_seconds",
+            f"total_seconds_at_{REFERENCE_GFLOPS:.0f}_gflops", "psnr", "ssim", "codebook_usage", "zero_shot_top1",
+            "zero_shot_top1_heldout", "fid", "fid_extractor"]
     for k in keys:
         if k in summary:
             v = summary[k]

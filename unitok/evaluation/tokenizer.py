@@ -205,9 +205,10 @@ def _linear_probe_metrics(model, train_ds, test_ds, heldout_ds, batch_size, devi
 # ---------------------------------------------------------------------------------------------------------------
 # run outputs
 # ---------------------------------------------------------------------------------------------------------------
-def make_summary(results: dict, steps: int, train_seconds: float, model_config: ModelConfig, data: dict) -> dict:
-    """The run's summary.json: steps, training time, data spec, model size, then every evaluation result."""
-    summary = {"steps": steps, "train_seconds": round(train_seconds, 2), "data": data,
+def make_summary(results: dict, steps: int, times: dict, model_config: ModelConfig, data: dict) -> dict:
+    """The run's summary.json: steps, times (`unitok.training.clock.RunClock.summary`), data spec, model size,
+    then every evaluation result."""
+    summary = {"steps": steps, **times, "data": data,
                "model": {"image_size": model_config.image_size, "tokens": model_config.num_tokens,
                          "num_codebooks": model_config.num_codebooks, "codebook_size": model_config.codebook_size}}
     summary.update(results)

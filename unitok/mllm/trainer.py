@@ -242,7 +242,8 @@ class MLLMTrainer(TrainerBase):
     def evaluation(self, max_images: Optional[int] = None, t2i: bool = False) -> dict:
         """Understanding on every eval set (caption attribute accuracy, VQA accuracy per type, text and image NLL);
         with t2i, also prompt accuracy of generated images. best/ follows the mean test accuracy."""
-        results = {"train_seconds": round(self.train_seconds, 2), "scaled_seconds": round(self.scaled_seconds, 2)}
+        results = {"train_seconds": round(self.clock.train_seconds, 2),
+                   "scaled_seconds": round(self.clock.train_scaled_seconds, 2)}
         for name, sset in self.eval_sets.items():
             r = evaluate_understanding(self.model, sset, max_images=max_images)
             results.update({f"{k}_{name}": v for k, v in r.items()})

@@ -95,16 +95,16 @@ def run_mllm_task(task, out: Path, run_dir: Path, log: Callable) -> dict:
         trainer.write_summary(results)
     finally:
         trainer.close()
-    metrics = {"train_seconds": round(trainer.train_seconds, 2)}
+    metrics = {"train_seconds": round(trainer.clock.train_seconds, 2)}
     for split, suffix in (("test", ""), ("heldout", "_heldout")):
         if f"vqa_acc_{split}" in results:
             metrics[f"mllm_vqa_acc{suffix}"] = results[f"vqa_acc_{split}"]
             metrics[f"mllm_caption_acc{suffix}"] = results[f"caption_mean_acc_{split}"]
     log(f"roadmap {task.setting} seed {task.seed}: VQA {metrics.get('mllm_vqa_acc', float('nan')):.3f}")
     record = {"kind": "mllm", "key": task.key, "metrics": metrics, "eval": results,
-              "train_seconds": round(trainer.train_seconds, 2), "wall_seconds": round(time.perf_counter() - start, 2),
+              "train_seconds": round(trainer.clock.train_seconds, 2), "wall_seconds": round(time.perf_counter() - start, 2),
               "matmul_peak_gflops": round(peak, 1),
-              "peak_scaled_train_seconds": round(trainer.train_seconds * peak / REFERENCE_GFLOPS, 2),
+              "peak_scaled_train_seconds": round(trainer.clock.train_seconds * peak / REFERENCE_GFLOPS, 2),
               "config": {**spec, "mllm_config": dataclasses.asdict(trainer.model_config),
                          "mllm_train": dataclasses.asdict(trainer.config)},
               "paper_vqa": ROADMAP[task.setting][2],

@@ -98,12 +98,12 @@ def _run_tokenizer(task: Task, out: Path, run_dir: Path, log: Callable) -> dict:
         trainer.close()
     metrics = headline_metrics(results)
     metrics.update({k: v for k, v in extra.items() if k.startswith("clip_") or k == "pretrain_seconds"})
-    metrics["train_seconds"] = round(trainer.train_seconds, 2)
+    metrics["train_seconds"] = round(trainer.clock.train_seconds, 2)
     record = {"kind": "tokenizer", "key": task.key, "metrics": metrics, "eval": results,
-              "train_seconds": round(trainer.train_seconds, 2), "wall_seconds": round(time.perf_counter() - start, 2),
+              "train_seconds": round(trainer.clock.train_seconds, 2), "wall_seconds": round(time.perf_counter() - start, 2),
               **({"pretrain_seconds": extra["pretrain_seconds"]} if "pretrain_seconds" in extra else {}),
               "matmul_peak_gflops": round(peak, 1),
-              "peak_scaled_train_seconds": round(trainer.train_seconds * peak / REFERENCE_GFLOPS, 2),
+              "peak_scaled_train_seconds": round(trainer.clock.train_seconds * peak / REFERENCE_GFLOPS, 2),
               "config": spec, "git": git_revision(), "machine": machine_info(device),
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_text(run_dir / "result.json", json.dumps(record, indent=2, default=float))
@@ -146,7 +146,7 @@ def _run_generator(task: Task, out: Path, run_dir: Path, log: Callable) -> dict:
         trainer.close()
     positions = trainer.gen_config.num_positions
     metrics = {"gen_nll_bits": nll["bits_per_image_test"] / positions,
-               "gen_prompt_accuracy": samples["prompt_both_acc"], "train_seconds": round(trainer.train_seconds, 2)}
+               "gen_prompt_accuracy": samples["prompt_both_acc"], "train_seconds": round(trainer.clock.train_seconds, 2)}
     if "bits_per_image_heldout" in nll:
         metrics["gen_nll_bits_heldout"] = nll["bits_per_image_heldout"] / positions
     if "prompt_both_acc_heldout" in samples:
@@ -154,9 +154,9 @@ def _run_generator(task: Task, out: Path, run_dir: Path, log: Callable) -> dict:
     if "fid_proxy" in samples:
         metrics["gen_fid_proxy"] = samples["fid_proxy"]
     record = {"kind": "generator", "key": task.key, "metrics": metrics, "eval": {**nll, **samples},
-              "train_seconds": round(trainer.train_seconds, 2), "wall_seconds": round(time.perf_counter() - start, 2),
+              "train_seconds": round(trainer.clock.train_seconds, 2), "wall_seconds": round(time.perf_counter() - start, 2),
               "matmul_peak_gflops": round(peak, 1),
-              "peak_scaled_train_seconds": round(trainer.train_seconds * peak / REFERENCE_GFLOPS, 2),
+              "peak_scaled_train_seconds": round(trainer.clock.train_seconds * peak / REFERENCE_GFLOPS, 2),
               "config": {**spec, "generator": dataclasses.asdict(trainer.gen_config),
                          "generator_train": dataclasses.asdict(trainer.config)},
               "git": git_revision(), "machine": machine_info(device), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -145,6 +145,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 500             # 0 = only the final evaluation
     eval_images: int = 1024
+    interim_eval_images: int = 0      # evaluations before the last step use the first N images (0: eval_images)
     checkpoint_every: int = 250       # 0 = only at the end (and on request)
     log_every: int = 10
     device: str = "auto"              # "auto" picks cuda when available
@@ -163,7 +164,7 @@ class TrainConfig:
     def __post_init__(self):
         self.betas = tuple(self.betas) if isinstance(self.betas, list) else self.betas
         problems = _check_fields(self, positive=("batch_size", "steps", "lr", "eval_images", "log_every"),
-                                 non_negative=("eval_every", "checkpoint_every", "weight_decay", "eps", "warmup_fraction", "min_lr_ratio", "grad_clip",
+                                 non_negative=("eval_every", "interim_eval_images", "checkpoint_every", "weight_decay", "eps", "warmup_fraction", "min_lr_ratio", "grad_clip",
                                                "seed", "num_workers"))
         if not problems and not (isinstance(self.betas, tuple) and len(self.betas) == 2
                                  and all(0 <= b < 1 for b in self.betas)):

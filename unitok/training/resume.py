@@ -33,7 +33,8 @@ __all__ = ["MAY_CHANGE_ON_RESUME", "RunPlan", "ResumeConflictError", "decide_run
 
 # Settings a resume may change: how long, how often, where and how fast -- not what is trained, nor in which order.
 MAY_CHANGE_ON_RESUME = frozenset({
-    "steps", "eval_every", "eval_images", "checkpoint_every", "log_every", "device", "amp", "compile", "num_workers",
+    "steps", "eval_every", "eval_images", "interim_eval_images", "checkpoint_every", "log_every", "device", "amp",
+    "compile", "num_workers",
     "t2i_samples", "cfg_scale",           # the unified model's final drawing evaluation, not its training
 })
 

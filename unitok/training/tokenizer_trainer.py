@@ -31,7 +31,6 @@ from ..tokenizer.config import ModelConfig, Preset, TrainConfig, apply_overrides
 from ..tokenizer.model import UniTok
 from .discriminator import AdversarialLoss, build_lpips, check_loss_weights
 from .losses import UniTokLoss
-from .machine import REFERENCE_GFLOPS
 from .trainer import StepBatchSampler, TrainerBase
 
 LOSS_TERMS = ("l1", "l2", "vq", "clip")
@@ -182,7 +181,12 @@ class Trainer(TrainerBase):
     evaluation_progress = False     # a tqdm bar over each evaluation's images (the CLI turns it on)
 
     def evaluation(self, fid: Optional[str] = None, max_images: Optional[int] = None) -> dict:
-        """Full evaluation pass; see `evaluate_model`. `evaluate()` (the base) logs it and saves best/ by PSNR."""
+        """Full evaluation pass; see `evaluate_model`. `evaluate()` (the base) logs it and saves best/ by PSNR.
+
+        Before the last step, `interim_eval_images` (when set) limits the pass to the first N images of each set: a
+        recipe's evaluations count towards its time, and the curve needs fewer images than the final numbers."""
+        if max_images is None and self.step_count < self.config.steps and self.config.interim_eval_images:
+            max_images = self.config.interim_eval_images
         return evaluate_model(self.model, self.eval_data, batch_size=self.config.batch_size,
                               device=self.device, fid=fid, max_images=max_images,
                               progress=self.evaluation_progress and self.is_main)
@@ -202,12 +206,9 @@ class Trainer(TrainerBase):
     def write_summary(self, results: Optional[dict] = None) -> dict:
         """summary.json + reconstruction grid PNG + codebook-usage PNG in the run folder."""
         results = results if results is not None else (self.eval_history[-1] if self.eval_history else self.evaluate())
-        summary = make_summary(results, steps=self.step_count, train_seconds=self.train_seconds,
+        summary = make_summary(results, steps=self.step_count, times=self.clock.summary(),
                                model_config=self.model_config, data=self.data_spec)
         summary["precision"] = "bf16" if self.bf16 else "fp32"
-        summary[f"train_seconds_at_{REFERENCE_GFLOPS:.0f}_gflops"] = round(self.scaled_seconds, 2)
-        if self.compile_seconds:
-            summary["compile_seconds"] = round(self.compile_seconds, 2)
         if self.is_main and self.out_dir is not None:
             write_run_outputs(self.out_dir, summary, self.model, self.eval_data, self.device)
         return summary

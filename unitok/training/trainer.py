@@ -26,8 +26,9 @@ What the base owns (and the tests check for every subclass, tests/training/test_
 - the lr schedule (`lr_at`), the optimizer (AdamW, decay on matrices only, fused where it is available), gradient
   clipping, the non-finite-loss stop (before the bad update), callbacks, `step()` / `run(n)` with tqdm, bf16
   autocast, DDP under torchrun with rank-0 writes, Ctrl-C at a step boundary, the summary;
-- time: `train_seconds` (a compiled model's first steps count as `compile_seconds` instead) and the same time scaled to a laptop with REFERENCE_GFLOPS fp32 matmul
-  (`scaled_seconds`, from the matmul peak measured every 25 steps on the CPU, so a busy machine shows).
+- time (`clock`, a `unitok.training.clock.RunClock`): training steps, compilation (a compiled model's first
+  steps) and evaluations, each also scaled to a laptop with REFERENCE_GFLOPS fp32 matmul from the matmul peak
+  measured every 25 steps on the CPU, so a busy machine shows.
 
 Exact resume: the data order is a pure function of (seed, step) (`StepBatchSampler`), every random draw a step
 makes comes from the global torch RNG, whose state the checkpoint carries.
@@ -51,7 +52,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..checkpoint import atomic_write, load_state_dict_checked, read_torch
-from .machine import REFERENCE_GFLOPS, matmul_peak, model_lock, pick_device, training_autocast, uses_bf16
+from .clock import RunClock
+from .machine import matmul_peak, model_lock, pick_device, training_autocast, uses_bf16
 from .resume import saved_step
 from .runs import RunLock, atomic_write_text, prepare_run_folder, write_log_if_changed
 
@@ -247,7 +249,7 @@ class TrainerBase:
             self._lock = RunLock(self.out_dir, self.command).acquire()
             weakref.finalize(self, self._lock.release)
         self.optimizer = self.build_optimizer()
-        self.step_count, self.train_seconds, self.scaled_seconds = 0, 0.0, 0.0
+        self.step_count, self.clock = 0, RunClock()
         self.matmul_gflops: Optional[float] = None
         self.history: List[dict] = []
         self.eval_history: List[dict] = []
@@ -260,7 +262,7 @@ class TrainerBase:
                 broadcast_buffers=False, find_unused_parameters=self.find_unused_parameters)
         # a compiled model compiles during its first steps (the second recompiles once when shapes vary): those
         # steps are shown and timed as compilation, not as training
-        self.compile_seconds, self.compiling_steps = 0.0, 0
+        self.compiling_steps = 0
         if getattr(self.config, "compile", False):
             self.train_model = torch.compile(self.train_model)
             self.compiling_steps = COMPILING_STEPS
@@ -355,13 +357,8 @@ class TrainerBase:
         self.step_count += 1
         seconds = time.perf_counter() - start
         compiling = self.compiling_steps > 0
-        if compiling:
-            self.compiling_steps -= 1
-            self.compile_seconds += seconds
-        else:
-            self.train_seconds += seconds
-            if self.matmul_gflops:
-                self.scaled_seconds += seconds * self.matmul_gflops / REFERENCE_GFLOPS
+        self.compiling_steps -= compiling
+        self.clock.count("compile" if compiling else "train", seconds, self.matmul_gflops)
         metrics = {"step": self.step_count, "lr": lr, **logged, "grad_norm": float(grad_norm), "seconds": seconds,
                    "matmul_gflops": self.matmul_gflops, **self.step_metrics(batch, logged, seconds), **extra,
                    **({"compiling": compiling} if getattr(self.config, "compile", False) else {})}
@@ -427,7 +424,9 @@ class TrainerBase:
     def evaluate(self, **kwargs) -> dict:
         """An evaluation pass (`evaluation(**kwargs)`), logged to eval_history and eval.jsonl; saves out/best/ when
         `best_metric` improves."""
+        start = time.perf_counter()
         results = {"step": self.step_count, **self.evaluation(**kwargs)}
+        self.clock.count("eval", time.perf_counter() - start, self.matmul_gflops)
         self.eval_history.append(results)
         if self.is_main and self.out_dir is not None:
             with open(self.out_dir / "eval.jsonl", "a") as f:
@@ -447,8 +446,7 @@ class TrainerBase:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "step": self.step_count, "train_seconds": self.train_seconds, "scaled_seconds": self.scaled_seconds,
-                "compile_seconds": self.compile_seconds,
+                "step": self.step_count, "clock": self.clock.state_dict(),
                 "best_score": self.best_score, "history": self.history, "eval_history": self.eval_history,
                 "torch_rng": torch.get_rng_state(), **self.extra_state()}
 
@@ -472,9 +470,7 @@ class TrainerBase:
         state = read_torch(path, what=f"a checkpoint.pt written by {type(self).__name__}.save_checkpoint")
         load_state_dict_checked(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step_count, self.train_seconds = int(state["step"]), float(state["train_seconds"])
-        self.scaled_seconds = float(state.get("scaled_seconds", 0.0))
-        self.compile_seconds = float(state.get("compile_seconds", 0.0))
+        self.step_count, self.clock = int(state["step"]), RunClock.from_state(state)
         self.best_score = float(state["best_score"])
         self.history, self.eval_history = list(state["history"]), list(state["eval_history"])
         torch.set_rng_state(state["torch_rng"])
@@ -487,10 +483,8 @@ class TrainerBase:
     def write_summary(self, extra: Optional[dict] = None) -> dict:
         """summary.json (steps, time, precision, the last evaluation, `extra`) and the final weights in
         out_dir/final/ (out_dir/best/ holds the best evaluation's)."""
-        summary = {"steps": self.step_count, "train_seconds": round(self.train_seconds, 2),
-                   f"train_seconds_at_{REFERENCE_GFLOPS:.0f}_gflops": round(self.scaled_seconds, 2),
-                   "precision": "bf16" if self.bf16 else "fp32", **self.summary_fields(),
-                   **({"compile_seconds": round(self.compile_seconds, 2)} if self.compile_seconds else {})}
+        summary = {"steps": self.step_count, **self.clock.summary(), "precision": "bf16" if self.bf16 else "fp32",
+                   **self.summary_fields()}
         summary.update(self.eval_history[-1] if self.eval_history else {})
         summary.update(extra or {})
         if self.is_main and self.out_dir is not None:
