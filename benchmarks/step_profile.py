@@ -67,7 +67,8 @@ class Step:
             self.index += self.batch
             images = torch.stack([i["image"] for i in items])
             texts = [i["caption"] for i in items]
-        with record_function("forward"), training_autocast(torch.device("cpu"), cpu_bf16=self.cpu_bf16):
+        with record_function("forward"), training_autocast(torch.device("cpu"), cpu_bf16=self.cpu_bf16,
+                                                                   model=self.model):
             out = self.model(images, texts)
         with record_function("loss"):
             terms = self.loss_fn(out, images)

@@ -73,7 +73,7 @@ def measure(preset_name: str, batch: int, steps: int, device, bf16: bool, compil
     forward = torch.compile(model, backend=backend) if compiled else model
 
     def step(module=forward):
-        with training_autocast(device, amp=bf16, cpu_bf16="on" if bf16 else "off"):
+        with training_autocast(device, amp=bf16, cpu_bf16="on" if bf16 else "off", model=model):
             out = module(images, ids)
         loss = loss_fn(out, images)["total"]
         opt.zero_grad(set_to_none=True)

@@ -574,3 +574,20 @@ def test_logit_scale_is_clamped(tiny, tiny_images):
     assert out.logit_scale <= 100.0 * (1 + 1e-6)
     torch.testing.assert_close(out.logit_scale, torch.tensor(100.0))
     assert model.logit_scale.item() == pytest.approx(math.log(1000.0))   # the parameter itself is untouched
+
+
+def test_tokenize_caches_each_caption_and_gives_the_bpe_tokenizers_ids(monkeypatch):
+    from unitok.tokenizer import model as model_module
+
+    m = UniTok(get_preset("tiny").model)
+    texts = ["a red circle", "a blue star on the left", "a red circle", "a green square"]
+    direct = m.tokenizer(texts)                                     # open_clip's BPE, no cache
+    first = m.tokenize(texts)
+    assert torch.equal(first, direct) and first.dtype == torch.int64
+    assert len(m._token_rows) == 3                                  # each distinct caption once
+    first.zero_()                                                   # the caller's tensor is its own
+    assert torch.equal(m.tokenize(texts), direct)
+    monkeypatch.setattr(model_module, "TOKEN_CACHE_SIZE", 4)
+    more = ["a small triangle", "a large star"]
+    assert torch.equal(m.tokenize(more), m.tokenizer(more))         # 3 + 2 > 4: the cache starts again
+    assert set(m._token_rows) == set(more)

@@ -183,6 +183,37 @@ def test_training_autocast_runs_matmuls_in_bf16_and_attention_through_the_math_k
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
+def test_bf16_training_autocast_puts_timm_attention_on_its_plain_path_and_restores_it():
+    from timm.models.vision_transformer import Block
+
+    from unitok.training.machine import training_autocast
+
+    torch.manual_seed(0)
+    block = Block(32, 4, qkv_bias=True)
+    x = torch.randn(2, 9, 32)
+    fused = block.attn.fused_attn
+    with training_autocast(torch.device("cpu"), cpu_bf16="off", model=block):
+        assert block.attn.fused_attn == fused                       # fp32: the fused kernel, untouched
+    seen = []
+    real_forward = type(block.attn).forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.fused_attn)
+        return real_forward(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(block.attn), "forward", spy)
+        with training_autocast(torch.device("cpu"), cpu_bf16="on", model=block):
+            plain = block(x)
+        with pytest.raises(RuntimeError, match="boom"):
+            with training_autocast(torch.device("cpu"), cpu_bf16="on", model=block):
+                raise RuntimeError("boom")
+    assert seen == [False] and block.attn.fused_attn == fused      # plain inside, restored after (also on error)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = block(x)                                        # the same block through the fused kernel
+    assert torch.allclose(plain.float(), reference.float(), atol=5e-2)
+
+
 def test_bf16_training_steps_are_repeatable_and_recorded(tiny_overrides, tmp_path):
     from unitok.training.tokenizer_trainer import Trainer
 

@@ -97,19 +97,20 @@ def evaluate_model(model: UniTok, eval_data: Dict[str, Dataset], batch_size: int
     probe_train = eval_data.get("probe_train") if zero_shot_sets and zero_shot_sets[0][1] == "" else None
     passes = ([_take(recon, n)] if recon is not None else []) + [_take(ds, n) for ds, _ in zero_shot_sets]
     if probe_train is not None:
-        passes += [_take(probe_train, 2 * n), _take(test, n)] + ([_take(heldout, n)] if heldout is not None else [])
+        passes.append(_take(probe_train, 2 * n))   # the probe's test features come from the zero-shot passes
     sizes = [_size(ds) for ds in passes]
     results: dict = {}
     with eval_mode(model), tqdm(total=None if None in sizes else sum(sizes), desc="evaluating", unit="img",
                                 disable=not progress, leave=False) as bar:
         if recon is not None:
             results.update(_reconstruction_metrics(model, _take(recon, n), batch_size, device, fid, bar))
+        pooled = {}   # suffix -> the pooled tokens of that zero-shot set and its labels, for the linear probe
         for ds, suffix in zero_shot_sets:
-            results.update(_zero_shot_metrics(model, _take(ds, n), batch_size, device, suffix, bar))
+            metrics, pooled[suffix] = _zero_shot_metrics(model, _take(ds, n), batch_size, device, suffix, bar)
+            results.update(metrics)
         if probe_train is not None:
-            results.update(_linear_probe_metrics(model, _take(probe_train, 2 * n), _take(test, n),
-                                                 None if heldout is None else _take(heldout, n), batch_size, device,
-                                                 bar))
+            results.update(_linear_probe_metrics(model, _take(probe_train, 2 * n), _unwrap(test).zero_shot_tasks(),
+                                                 pooled[""], pooled.get("_heldout"), batch_size, device, bar))
     return results
 
 
@@ -153,18 +154,23 @@ def _reconstruction_metrics(model, ds, batch_size, device, fid, bar=None) -> dic
     return out
 
 
-def _zero_shot_metrics(model, ds, batch_size, device, suffix, bar=None) -> dict:
+def _zero_shot_metrics(model, ds, batch_size, device, suffix, bar=None):
+    """-> (zero-shot accuracies, (pooled tokens (M, width), {label key: (M,)}) for the linear probe): one pass
+    gives both, since the CLIP feature and the probe's input start from the same up-projected tokens."""
     tasks = _unwrap(ds).zero_shot_tasks()
-    feats, labels = [], {name: [] for name in tasks}
+    feats, pooled, labels = [], [], {key: [] for _, _, key in tasks.values()}
     for batch in _loader(ds, batch_size, bar):
-        feats.append(model.encode_image(batch["image"].to(device)).float())
-        for name, (_, _, key) in tasks.items():
-            labels[name].append(batch["labels"][key])
-    feats = torch.cat(feats)
+        images = model.check_images(batch["image"].to(device))
+        tokens = model.post_quant_proj(model.quantizer.lookup(model.quantize(images).codes))   # (B, N, width)
+        feats.append(model.image_head(tokens).float())             # = encode_image(images)
+        pooled.append(model.pool_tokens(tokens).float().cpu())     # = pooled_token_features(model, images)
+        for key in labels:
+            labels[key].append(batch["labels"][key])
+    feats, labels = torch.cat(feats), {key: torch.cat(v) for key, v in labels.items()}
     out = {}
-    for name, (classnames, templates, _) in tasks.items():
+    for name, (classnames, templates, key) in tasks.items():
         classifier = zero_shot_classifier(model, classnames, templates, device=device)
-        acc = zero_shot_accuracy(feats, torch.cat(labels[name]).to(device), classifier)
+        acc = zero_shot_accuracy(feats, labels[key].to(device), classifier)
         for k_, v in acc.items():
             if k_.startswith("top"):
                 out[f"zero_shot_{name}_{k_}{suffix}"] = v
@@ -172,7 +178,7 @@ def _zero_shot_metrics(model, ds, batch_size, device, suffix, bar=None) -> dict:
     headline = next(iter(tasks))
     out[f"zero_shot_top1{suffix}"] = out[f"zero_shot_{headline}_top1{suffix}"]
     out[f"zero_shot_task{suffix}"] = headline
-    return out
+    return out, (torch.cat(pooled), labels)
 
 
 def _pooled_features(model, ds, batch_size, device, label_keys, bar=None):
@@ -184,20 +190,20 @@ def _pooled_features(model, ds, batch_size, device, label_keys, bar=None):
     return torch.cat(feats), {key: torch.cat(v) for key, v in labels.items()}
 
 
-def _linear_probe_metrics(model, train_ds, test_ds, heldout_ds, batch_size, device, bar=None) -> dict:
-    """Per zero-shot task: a logistic regression on the frozen pooled tokens of train_ds, scored on test_ds."""
-    tasks = _unwrap(test_ds).zero_shot_tasks()
+def _linear_probe_metrics(model, train_ds, tasks, test, heldout, batch_size, device, bar=None) -> dict:
+    """Per zero-shot task: a logistic regression on the frozen pooled tokens of train_ds, scored on the test set's
+    (`test` = (features, labels) from its zero-shot pass; `heldout` the same for the held-out pairs, or None)."""
     keys = sorted({key for _, _, key in tasks.values()})
     train_x, train_y = _pooled_features(model, train_ds, batch_size, device, keys, bar)
-    test_x, test_y = _pooled_features(model, test_ds, batch_size, device, keys, bar)
+    test_x, test_y = test
     out: dict = {"linear_probe_train_images": len(train_x), "linear_probe_test_images": len(test_x)}
     for name, (_, _, key) in tasks.items():
         out[f"linear_probe_{name}_top1"] = linear_probe(train_x, train_y[key], test_x, test_y[key])["top1"]
     headline = next(iter(tasks))
     out["linear_probe_top1"] = out[f"linear_probe_{headline}_top1"]
-    if heldout_ds is not None:  # the headline classes on colour x shape pairs never seen in training
+    if heldout is not None:  # the headline classes on colour x shape pairs never seen in training
         key = tasks[headline][2]
-        held_x, held_y = _pooled_features(model, heldout_ds, batch_size, device, [key], bar)
+        held_x, held_y = heldout
         out["linear_probe_top1_heldout"] = linear_probe(train_x, train_y[key], held_x, held_y[key])["top1"]
     return out
 

@@ -32,7 +32,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -146,12 +146,17 @@ def uses_bf16(device: torch.device, amp: bool = True, cpu_bf16: str = "off") -> 
 
 
 @contextlib.contextmanager
-def training_autocast(device: torch.device, amp: bool = True, cpu_bf16: str = "off") -> Iterator:
+def training_autocast(device: torch.device, amp: bool = True, cpu_bf16: str = "off",
+                      model: Optional[nn.Module] = None) -> Iterator:
     """bf16 autocast for a training forward pass when `uses_bf16(...)`, else nothing.
 
-    On the CPU it also selects PyTorch's math attention kernel: the fused CPU flash-attention kernel's backward is
-    about 7x slower in bf16 than in fp32 (measured on the tiny preset), while the math kernel is plain matmuls,
-    which is what bf16 makes fast. Losses, the quantizer's nearest-code search and evaluation stay fp32.
+    On the CPU it also routes attention around the fused CPU flash-attention kernel, whose backward is about 7x
+    slower in bf16 than in fp32 (measured on the tiny preset): `model`'s timm attention layers take their plain path
+    (q @ k^T, softmax, @ v: the matmuls bf16 makes fast) for the duration, and every other
+    `scaled_dot_product_attention` call runs PyTorch's math kernel. The plain path is also faster than the math
+    kernel, which adds a "safe softmax" pass (`all`, `where`, `isneginf` over every score) that the plain path does
+    not need (no masks here): a bf16 tiny step 1.1-1.3x faster (docs/cpu_recipe.md). Losses, the quantizer's
+    nearest-code search and evaluation stay fp32, and so does every attention outside this context.
     """
     if not uses_bf16(device, amp, cpu_bf16):
         yield
@@ -161,8 +166,24 @@ def training_autocast(device: torch.device, amp: bool = True, cpu_bf16: str = "o
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            if model is not None:
+                stack.enter_context(_plain_attention(model))
         stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
         yield
+
+
+@contextlib.contextmanager
+def _plain_attention(model: nn.Module) -> Iterator:
+    """timm attention layers (those with a `fused_attn` switch) of `model` on their plain path, then restored."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    before = [m.fused_attn for m in layers]
+    for m in layers:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m, fused in zip(layers, before):
+            m.fused_attn = fused
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -303,7 +303,7 @@ class TrainerBase:
 
     def autocast(self):
         """bf16 autocast for the forward pass where the config asks for it (`unitok.training.machine`)."""
-        return training_autocast(self.device, self.config.amp, self.config.cpu_bf16)
+        return training_autocast(self.device, self.config.amp, self.config.cpu_bf16, model=self.model)
 
     def add_callback(self, event: str, fn: Callable) -> None:
         """event "step": fn(trainer, metrics) after every step; "eval": fn(trainer, results) after evaluate()."""
