@@ -571,3 +571,37 @@ def test_evaluate_with_proxy_fid(trained):
     assert results["fid_images"] == 32 and results["eval_images"] == 32
     with pytest.raises(ValueError, match="fid must be"):
         trainer.evaluate(fid="no-such-extractor", max_images=8)
+
+
+def test_scheduled_evaluations_before_the_last_step_use_interim_images_and_count_as_evaluation_time(tiny_overrides):
+    from unitok.training.tokenizer_trainer import Trainer
+
+    trainer = Trainer.from_preset("tiny", data="shapes", overrides=[
+        *tiny_overrides, "steps=4", "eval_every=2", "eval_images=32", "interim_eval_images=8", "checkpoint_every=0"])
+    trainer.run(progress=False)
+    assert [(r["step"], r["eval_images"]) for r in trainer.eval_history] == [(2, 8), (4, 32)]
+    assert trainer.evaluate()["eval_images"] == 32                  # a direct evaluation: all eval_images
+    clock = trainer.clock
+    assert clock.eval_seconds > 0 and clock.train_seconds > 0 and clock.compile_seconds == 0
+    summary = clock.summary()
+    assert summary["total_seconds_at_192_gflops"] == pytest.approx(
+        clock.train_scaled_seconds + clock.eval_scaled_seconds, abs=0.01)
+    assert clock.eval_scaled_seconds > 0                            # scaled by the peak measured beside it
+    with pytest.raises(ValueError, match="interim_eval_images"):
+        Trainer.from_preset("tiny", data="shapes", overrides=[*tiny_overrides, "interim_eval_images=-1"])
+
+
+def test_run_clock_scales_each_part_and_reads_checkpoints_written_before_it():
+    from unitok.training.clock import RunClock
+
+    clock = RunClock()
+    clock.count("train", 0.5, gflops=384.0)      # a machine twice the laptop's speed: twice the scaled time
+    clock.count("compile", 1.0, gflops=96.0)
+    clock.count("eval", 2.0, gflops=None)        # no peak measured (a GPU): wall time only
+    assert clock.summary() == {"train_seconds": 0.5, "train_seconds_at_192_gflops": 1.0, "eval_seconds": 2.0,
+                               "compile_seconds": 1.0, "total_seconds_at_192_gflops": 1.5}
+    assert RunClock.from_state({"clock": clock.state_dict()}) == clock
+    old = RunClock.from_state({"train_seconds": 3.0, "scaled_seconds": 2.0, "compile_seconds": 1.0})
+    assert (old.train_seconds, old.train_scaled_seconds, old.compile_seconds) == (3.0, 2.0, 1.0)
+    with pytest.raises(ValueError, match="part must be one of"):
+        clock.count("lunch", 1.0, gflops=None)

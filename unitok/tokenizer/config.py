@@ -145,7 +145,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 500             # 0 = only the final evaluation
     eval_images: int = 1024
-    interim_eval_images: int = 0      # evaluations before the last step use the first N images (0: eval_images)
+    interim_eval_images: int = 0      # run()'s evaluations before the last step: the first N images (0: eval_images)
     checkpoint_every: int = 250       # 0 = only at the end (and on request)
     log_every: int = 10
     device: str = "auto"              # "auto" picks cuda when available

@@ -181,15 +181,17 @@ class Trainer(TrainerBase):
     evaluation_progress = False     # a tqdm bar over each evaluation's images (the CLI turns it on)
 
     def evaluation(self, fid: Optional[str] = None, max_images: Optional[int] = None) -> dict:
-        """Full evaluation pass; see `evaluate_model`. `evaluate()` (the base) logs it and saves best/ by PSNR.
-
-        Before the last step, `interim_eval_images` (when set) limits the pass to the first N images of each set: a
-        recipe's evaluations count towards its time, and the curve needs fewer images than the final numbers."""
-        if max_images is None and self.step_count < self.config.steps and self.config.interim_eval_images:
-            max_images = self.config.interim_eval_images
+        """Full evaluation pass; see `evaluate_model`. `evaluate()` (the base) logs it and saves best/ by PSNR."""
         return evaluate_model(self.model, self.eval_data, batch_size=self.config.batch_size,
                               device=self.device, fid=fid, max_images=max_images,
                               progress=self.evaluation_progress and self.is_main)
+
+    def scheduled_evaluation_options(self) -> dict:
+        """`run`'s evaluations before the last step use the first `interim_eval_images` images of each set (when
+        set): a recipe's evaluations count towards its time, and the curve needs fewer images than the final
+        numbers. A direct `evaluate()` always uses `eval_images`."""
+        interim = self.config.interim_eval_images
+        return {"max_images": interim} if interim and self.step_count < self.config.steps else {}
 
     # ------------------------------------------------------------------ checkpoints
     def extra_state(self) -> dict:

@@ -402,7 +402,7 @@ class TrainerBase:
                     if self.step_count % self.config.log_every == 0:
                         bar.set_postfix(**self.progress_postfix(metrics))
                     if self.eval_due():
-                        self.evaluate()
+                        self.evaluate(**self.scheduled_evaluation_options())
                     if self.checkpoint_due() or interrupt.requested:
                         self.save_checkpoint()
                     if interrupt.requested:
@@ -438,6 +438,10 @@ class TrainerBase:
         for fn in self.callbacks["eval"]:
             fn(self, results)
         return results
+
+    def scheduled_evaluation_options(self) -> dict:
+        """Keyword arguments for the evaluations `run` makes every eval_every steps (not for a direct `evaluate()`)."""
+        return {}
 
     def selection_score(self, results: dict) -> Optional[float]:
         """The number that picks out/best/ (compared by best_mode); None when this evaluation has none."""
