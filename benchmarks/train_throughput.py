@@ -38,6 +38,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def matmul_peak(device, size=2048, repeats=5) -> float:
+    """The fp32 matmul peak in FLOP/s (not GFLOP/s: the benchmarks' numbers are FLOP/s throughout), measured by the
+    library's `unitok.training.machine.matmul_peak`; the other benchmarks import it from here."""
+    return machine.matmul_peak(size=size, repeats=repeats, device=device) * 1e9
+
+
 def peaks(device) -> dict:
     """{"fp32": FLOP/s, "bf16": FLOP/s} of a 2048-cube matmul on `device` right now (best of 5)."""
     return {name: machine.matmul_peak(size=2048, repeats=5, device=device, dtype=dtype) * 1e9

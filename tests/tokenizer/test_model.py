@@ -591,3 +591,18 @@ def test_tokenize_caches_each_caption_and_gives_the_bpe_tokenizers_ids(monkeypat
     more = ["a small triangle", "a large star"]
     assert torch.equal(m.tokenize(more), m.tokenizer(more))         # 3 + 2 > 4: the cache starts again
     assert set(m._token_rows) == set(more)
+
+
+@pytest.mark.parametrize("in_dim, out_dim", [(32, 64), (64, 16)])
+def test_causal_projection_decoded_with_its_cache_equals_one_pass(in_dim, out_dim):
+    torch.manual_seed(0)
+    proj = AttnProjection(in_dim, out_dim, causal=True).eval()
+    x = torch.randn(3, 7, in_dim)
+    with torch.no_grad():
+        full = proj(x)
+        cache: dict = {}
+        pieces = [proj(x[:, :3], cache)] + [proj(x[:, t:t + 1], cache) for t in range(3, 7)]   # a prefill, then one by one
+    assert torch.allclose(torch.cat(pieces, 1), full, atol=1e-5)
+    assert cache["k"].shape[2] == 7
+    with pytest.raises(ValueError, match="needs causal attention"):
+        AttnProjection(in_dim, out_dim)(x, {})

@@ -240,12 +240,13 @@ class TokenGenerator(nn.Module):
         return torch.cat([prefix, self.condition_prefix(None, batch=batch)]) if guided else prefix
 
     # ------------------------------------------------------------------ pieces of the forward pass
-    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+    def embed_codes(self, codes: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
         """(B, T, k) -> (B, T, D): the sum of the k sub-code embeddings of each position ("embedding"), or the
-        projected code vectors ("codebook"; causal: position t depends on positions <= t only)."""
+        projected code vectors ("codebook"; causal: position t depends on positions <= t only). cache: the causal
+        projection's keys and values of the positions before `codes` (decoding; `ProjectionAttention.forward`)."""
         if self.config.image_input == "embedding":
             return self.code_embed(codes + self.code_offsets).sum(-2)
-        return self.projector(self.post_quant_proj(code_vectors(self.codebooks, codes)))
+        return self.projector(self.post_quant_proj(code_vectors(self.codebooks, codes), cache))
 
     def pos_embed(self, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
         """(end - start, D) learned 2D embeddings of row-major positions start..end-1."""
@@ -342,16 +343,16 @@ class TokenGenerator(nn.Module):
         try:
             everywhere = self.position_condition(prefix)
             cache = self.spatial.new_cache() if use_cache else None
+            projection_cache: dict = {}   # the causal projection's keys and values of the positions embedded so far
             for t in range(first_n, N):
                 if not use_cache:
                     h = self.spatial(self._spatial_inputs(prefix, flat[:, :t].repeat(reps, 1, 1)))[:, -1]
                 elif t == first_n:   # prefill: the prefix and the kept positions in one pass
                     h = self.spatial(self._spatial_inputs(prefix, flat[:, :t].repeat(reps, 1, 1)), cache)[:, -1]
-                else:                # one new slot: emb(codes[t-1]) + pos(t)
-                    if cfg.image_input == "embedding":   # a position's input is its own codes only
-                        x = self.embed_codes(flat[:, t - 1:t].repeat(reps, 1, 1))
-                    else:   # the causal projection reads the positions before it too: recompute, keep the last
-                        x = self.embed_codes(flat[:, :t].repeat(reps, 1, 1))[:, -1:]
+                    if t:            # the projection's cache: the kept codes 0..t-1 (code t is embedded next)
+                        self.embed_codes(flat[:, :t].repeat(reps, 1, 1), projection_cache)
+                else:                # one new slot: emb(codes[t-1]) + pos(t), the projection reading its cache
+                    x = self.embed_codes(flat[:, t - 1:t].repeat(reps, 1, 1), projection_cache)
                     x = x + self.pos_embed(t, t + 1) + everywhere
                     h = self.spatial(x, cache)[:, -1]
                 c, p, e = self._draw_position(h, u[:, t], guided, use_cache, **settings)

@@ -187,14 +187,15 @@ class UnifiedModel(nn.Module):
                 return tok.encoder(images).float().to(self.device)
             return tok.encode_latent(images).float().to(self.device)
 
-    def embed_image(self, image: torch.Tensor) -> torch.Tensor:
+    def embed_image(self, image: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
         """(B, T, k) codes or (B, T, F) features of image positions 0..T-1 -> (B, T, D). Causal: output t depends
-        only on positions <= t (the projection's attention is causal), so decoding can recompute a prefix."""
+        only on positions <= t (the projection's attention is causal). cache: the projection's keys and values of
+        the positions before these (decoding one position at a time; `ProjectionAttention.forward`)."""
         cfg = self.config
         if cfg.image_input == "embedding":
             return self.code_embed(image.long() + self.code_offsets).sum(-2)
         if cfg.image_input == "codebook":
-            return self.projector(self.post_quant_proj(code_vectors(self.codebooks, image)))
+            return self.projector(self.post_quant_proj(code_vectors(self.codebooks, image), cache))
         x = image.float()
         if cfg.continuous_source == "encoder":
             return self.projector(x)
@@ -217,8 +218,10 @@ class UnifiedModel(nn.Module):
         return sequence.build_batch(self.config, self.text, items, drop_caption)
 
     def embed_sequence(self, tokens: torch.Tensor, image: torch.Tensor, image_start: torch.Tensor,
-                       offset: int = 0) -> torch.Tensor:
-        """tokens (B, T) of slots offset..offset+T-1, image (B, N, ...) -> input embeddings (B, T, D)."""
+                       offset: int = 0, image_cache: Optional[dict] = None) -> torch.Tensor:
+        """tokens (B, T) of slots offset..offset+T-1, image (B, N, ...) -> input embeddings (B, T, D). image_cache
+        (decoding; a dict kept across calls): positions embedded before are not embedded again, the causal
+        projection reads their keys and values from it (each drawn position is embedded once, not the prefix)."""
         cfg = self.config
         B, T = tokens.shape
         N = cfg.num_positions
@@ -228,8 +231,14 @@ class UnifiedModel(nn.Module):
         is_img = (rel >= 0) & (rel < N)
         if is_img.any() and image is not None:
             n_img = int(rel.clamp(max=N - 1).max()) + 1   # image positions needed: 0..n_img-1 (causal embedding)
-            emb = self.embed_image(image[:, :n_img]) + self.image_pos()[:n_img]     # (B, n_img, D)
-            gathered = emb.gather(1, rel.clamp(0, n_img - 1)[..., None].expand(-1, -1, emb.shape[-1]))
+            first = 0 if image_cache is None else image_cache.get("positions", 0)   # embedded by earlier calls
+            if first and int(rel[is_img].min()) < first:
+                raise ValueError(f"image positions before {first} are cached, not embedded again: decode in order")
+            emb = self.embed_image(image[:, first:n_img], image_cache) + self.image_pos()[first:n_img]
+            if image_cache is not None:
+                image_cache["positions"] = n_img
+            index = (rel - first).clamp(0, n_img - first - 1)
+            gathered = emb.gather(1, index[..., None].expand(-1, -1, emb.shape[-1]))
             x = torch.where(is_img[..., None], gathered, x)
         nxt = rel + 1                                                     # slot whose successor is image pos nxt
         has_next = (nxt >= 0) & (nxt < N)
@@ -407,7 +416,7 @@ class UnifiedModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            cache = self.backbone.new_cache() if use_cache else None
+            cache, image_cache = (self.backbone.new_cache(), {}) if use_cache else (None, None)
             h = self.backbone(self.embed_sequence(tokens, None, start), cache)[:, -1]
             for t in range(N):
                 c, p, e = head.sample(h, u[:, t], guided, use_cache, **settings)
@@ -416,8 +425,8 @@ class UnifiedModel(nn.Module):
                 if t + 1 == N:
                     break
                 image = flat[:, :t + 1].repeat(reps, 1, 1)
-                if use_cache:   # one new slot: image token t (its embedding sees positions <= t)
-                    x = self.embed_sequence(tokens.new_zeros(B * reps, 1), image, start, offset=P + t)
+                if use_cache:   # one new slot: image token t (embedded alone; the projection caches 0..t-1)
+                    x = self.embed_sequence(tokens.new_zeros(B * reps, 1), image, start, P + t, image_cache)
                     h = self.backbone(x, cache)[:, -1]
                 else:
                     seq = torch.cat([tokens, tokens.new_zeros(B * reps, t + 1)], 1)

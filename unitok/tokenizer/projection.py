@@ -11,6 +11,8 @@ head_dim = out. q and v have biases, k has none. A Linear(out, out) closes the a
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,12 +37,29 @@ class ProjectionAttention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(inner))
         self.proj = nn.Linear(out_dim, out_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
+        """x (B, N, in_dim) -> (B, N, out_dim). cache (causal only): a dict keeping the keys and values of the
+        positions seen so far; x are then the next N positions, and the output is what a pass over all positions
+        would give for them (decoding one position at a time costs O(positions), not a pass over the prefix)."""
         B, N, _ = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                       # (B, heads, N, head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        past = 0
+        if cache is not None:
+            if not self.causal:
+                raise ValueError("a projection cache needs causal attention (a later position changes earlier ones)")
+            if "k" in cache:
+                past = cache["k"].shape[2]
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        elif N == 1:   # one new position sees every cached one
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:          # N new positions after `past` cached ones
+            mask = torch.ones(N, past + N, dtype=torch.bool, device=x.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.mean(1) if self.down else y.transpose(1, 2).reshape(B, N, -1)
         return self.proj(y)
 
@@ -60,8 +79,9 @@ class AttnProjection(nn.Module):
         # with a hidden size of 2 x out, as in the reference.
         self.mlp = GluMlp(out_dim, hidden_features=4 * out_dim, act_layer=nn.GELU)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.shortcut(self.norm_shortcut(x)) + self.attn(self.norm_attn(x))
+    def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
+        """cache: see `ProjectionAttention.forward` (everything else here acts on each position alone)."""
+        y = self.shortcut(self.norm_shortcut(x)) + self.attn(self.norm_attn(x), cache)
         return y + self.mlp(self.norm_mlp(y))
 
 
@@ -74,7 +94,7 @@ class LinearProjection(nn.Module):
         self.norm = nn.LayerNorm(in_dim)
         self.linear = nn.Linear(in_dim, out_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:   # cache: nothing to keep
         return self.linear(self.norm(x))
 
 
