@@ -54,7 +54,8 @@ class TrainingDashboard(View):
         steps: initial value of the steps box (how many steps Run performs).
         max_points: curves longer than this are thinned for display (the history itself is untouched).
         follow_schedule: like `trainer.run`, evaluate every `config.eval_every` steps and checkpoint every
-            `config.checkpoint_every` steps (checkpoints only when the trainer has an out_dir).
+            `config.checkpoint_every` steps (checkpoints only when the trainer has an out_dir). Its evaluations
+            use every `eval_images` (not `run`'s smaller interim ones): each point a notebook shows is a full one.
 
     Widgets tests and notebooks can drive: `run_button`, `pause_button`, `step_button`, `eval_button` (`.click()`),
     `steps` (IntText), `figure` (plotly FigureWidget: `loss_traces`, `psnr_trace`, `eval_trace`, `lr_trace`,
