@@ -32,15 +32,15 @@ def test_quantizer_benchmark_prints_finite_ratios():
     assert peaks and all(math.isfinite(float(p)) and float(p) > 0 for p in peaks.groups()), out
 
 
-def test_throughput_benchmark_prints_each_precision_and_mode_against_its_own_peak():
-    # aot_eager: the compiled path without a minute of C++ compilation (the trainers use inductor)
+def test_throughput_benchmark_prints_each_mode_against_the_peak_of_its_precision():
+    # aot_eager: the compiled path without a minute of C++ compilation (the trainers use inductor); fp32 only, as
+    # bf16 autocast steps are covered by the step-profile and unified-model benchmark tests
     out = run("benchmarks/train_throughput.py", "--presets", "tiny", "--batch", "4", "--steps", "1",
-              "--backend", "aot_eager")
+              "--backend", "aot_eager", "--fp32-only")
     peaks = re.search(r"fp32 (\S+) -> (\S+), bf16 (\S+) -> (\S+) GFLOP/s", out)
     assert peaks and all(float(p) > 0 for p in peaks.groups()), out
     rows = re.findall(r"^tiny +(fp32|bf16) +(eager|compiled) +(\S+) +\S+ +\S+ +\S+ +(\S+)x +(\S+)x +(\S+)$", out, re.M)
-    assert [(p, m) for p, m, *_ in rows] == [("fp32", "eager"), ("fp32", "compiled"), ("bf16", "eager"),
-                                             ("bf16", "compiled")], out
+    assert [(p, m) for p, m, *_ in rows] == [("fp32", "eager"), ("fp32", "compiled")], out
     for precision, mode, ms, of_own, of_fp32, compile_s in rows:
         assert float(ms) > 0 and float(of_own) > 0 and float(of_fp32) > 0, out
         assert (float(compile_s) > 0) == (mode == "compiled"), out   # only a compiled step reports compilation
