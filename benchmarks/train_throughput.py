@@ -113,7 +113,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-compile", action="store_true", help="eager only")
     ap.add_argument("--fp32-only", action="store_true", help="skip bf16 autocast")
-    ap.add_argument("--backend", default="inductor", help="torch.compile backend (default: inductor, the trainers')")
+    ap.add_argument("--backend", default="inductor", choices=torch._dynamo.list_backends(exclude_tags=()),
+                    metavar="BACKEND", help="torch.compile backend (default: inductor, the trainers')")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":

@@ -28,7 +28,7 @@ def pooled_token_features(model, images: torch.Tensor) -> torch.Tensor:
     """images (B, 3, S, S) in [-1, 1] -> (B, width): the up-projected quantized tokens, pooled over the grid as the
     model's image head pools them (mean or max)."""
     codes = model.quantize(images).codes                                             # (B, N, k)
-    return model.pool_tokens(model.post_quant_proj(model.quantizer.lookup(codes)))    # (B, width)
+    return model.pool_tokens(model.code_tokens(codes))                               # (B, width)
 
 
 def linear_probe(train_features, train_labels, test_features, test_labels, max_iter: int = 1000,

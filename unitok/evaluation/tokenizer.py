@@ -131,7 +131,7 @@ def _reconstruction_metrics(model, ds, batch_size, device, fid, bar=None) -> dic
     for batch in _loader(ds, batch_size, bar):
         images = batch["image"].to(device)
         q = model.quantize(images)
-        tokens = model.post_quant_proj(model.quantizer.lookup(q.codes))            # (B, N, width)
+        tokens = model.code_tokens(q.codes)                                         # (B, N, width)
         recon = model.decoder(tokens).float().clamp(-1, 1)                          # (B, 3, S, S)
         psnrs.append(psnr(recon, images, reduction="none").cpu())
         ssims.append(ssim(recon, images, reduction="none").cpu())
@@ -161,7 +161,7 @@ def _zero_shot_metrics(model, ds, batch_size, device, suffix, bar=None):
     feats, pooled, labels = [], [], {key: [] for _, _, key in tasks.values()}
     for batch in _loader(ds, batch_size, bar):
         images = model.check_images(batch["image"].to(device))
-        tokens = model.post_quant_proj(model.quantizer.lookup(model.quantize(images).codes))   # (B, N, width)
+        tokens = model.code_tokens(model.quantize(images).codes)                    # (B, N, width)
         feats.append(model.image_head(tokens).float())             # = encode_image(images)
         pooled.append(model.pool_tokens(tokens).float().cpu())     # = pooled_token_features(model, images)
         for key in labels:

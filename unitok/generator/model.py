@@ -260,11 +260,13 @@ class TokenGenerator(nn.Module):
             return 0
         return self.condition_to_positions(prefix.mean(1, keepdim=True))
 
-    def _spatial_inputs(self, prefix: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def _spatial_inputs(self, prefix: torch.Tensor, codes: torch.Tensor,
+                        projection_cache: Optional[dict] = None) -> torch.Tensor:
         """prefix (B, P, D), codes (B, T, k) of positions 0..T-1 (T < N) -> sequence (B, P + T, D) whose slot
-        P-1+t carries pos(t): the last slot asks for position T."""
+        P-1+t carries pos(t): the last slot asks for position T. projection_cache: see `embed_codes`."""
         P, T = prefix.shape[1], codes.shape[1]
-        seq = torch.cat([prefix, self.embed_codes(codes) + self.position_condition(prefix)], 1) if T else prefix
+        seq = (torch.cat([prefix, self.embed_codes(codes, projection_cache) + self.position_condition(prefix)], 1)
+               if T else prefix)
         pos = torch.cat([seq.new_zeros(P - 1, seq.shape[-1]), self.pos_embed(0, T + 1)])
         return seq + pos
 
@@ -342,15 +344,13 @@ class TokenGenerator(nn.Module):
         self.eval()
         try:
             everywhere = self.position_condition(prefix)
-            cache = self.spatial.new_cache() if use_cache else None
-            projection_cache: dict = {}   # the causal projection's keys and values of the positions embedded so far
+            cache, projection_cache = (self.spatial.new_cache(), {}) if use_cache else (None, None)   # see embed_codes
             for t in range(first_n, N):
                 if not use_cache:
                     h = self.spatial(self._spatial_inputs(prefix, flat[:, :t].repeat(reps, 1, 1)))[:, -1]
-                elif t == first_n:   # prefill: the prefix and the kept positions in one pass
-                    h = self.spatial(self._spatial_inputs(prefix, flat[:, :t].repeat(reps, 1, 1)), cache)[:, -1]
-                    if t:            # the projection's cache: the kept codes 0..t-1 (code t is embedded next)
-                        self.embed_codes(flat[:, :t].repeat(reps, 1, 1), projection_cache)
+                elif t == first_n:   # prefill: the prefix and the kept positions in one pass (filling both caches)
+                    x = self._spatial_inputs(prefix, flat[:, :t].repeat(reps, 1, 1), projection_cache)
+                    h = self.spatial(x, cache)[:, -1]
                 else:                # one new slot: emb(codes[t-1]) + pos(t), the projection reading its cache
                     x = self.embed_codes(flat[:, t - 1:t].repeat(reps, 1, 1), projection_cache)
                     x = x + self.pos_embed(t, t + 1) + everywhere

@@ -298,8 +298,13 @@ class UniTok(nn.Module):
         self.check_codes(codes)
         return self._code_features(codes.flatten(1, 2))
 
+    def code_tokens(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, N, k) -> the up-projected quantized tokens (B, N, width): what the decoder, the image head and
+        the linear probe read."""
+        return self.post_quant_proj(self.quantizer.lookup(codes))
+
     def _code_features(self, codes: torch.Tensor) -> torch.Tensor:   # codes (B, N, k)
-        return self.image_head(self.post_quant_proj(self.quantizer.lookup(codes)))
+        return self.image_head(self.code_tokens(codes))
 
     @property
     def tokenizer(self):
