@@ -48,6 +48,7 @@ class GeneratorConfig:
     latent_dim: int = 32              # tokenizer latent (codebook mode)
     tokenizer_width: int = 128        # tokenizer width after post_quant_proj (codebook mode)
     projection: str = "attn"          # the tokenizer's projection kind (codebook mode)
+    quantizer: str = "mcq"            # the tokenizer's quantizer (its code vectors: unitok.tokenizer.quantizers)
     # "codebook": sub-code embeddings start as random linear maps of the tokenizer's own (unit-norm) code vectors,
     # so codes that are close in the codebook start close; "random": trunc-normal tables (see `init_from_tokenizer`)
     embed_init: str = "codebook"
@@ -141,5 +142,5 @@ def tokenizer_fields(tokenizer) -> dict:
     c = tokenizer.config
     return dict(grid_size=c.grid_size, num_codebooks=c.num_codebooks, codebook_size=c.codebook_size,
                 text_dim=c.embed_dim, text_width=c.text_width, context_length=c.context_length,
-                latent_dim=c.latent_dim, tokenizer_width=c.width, projection=c.projection)
+                latent_dim=c.latent_dim, tokenizer_width=c.width, projection=c.projection, quantizer=c.quantizer)
 

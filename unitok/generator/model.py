@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ..tokenizer.projection import build_projection
+from ..tokenizer.quantizers import sub_code_dim
 from ..checkpoint import load_state_dict_checked
 from ..transformer.causal import CausalTransformer
 from ..transformer.code_head import CodeClassifier
@@ -76,14 +77,13 @@ class TokenGenerator(nn.Module):
         config.validate()
         self.config = cfg = config
         k, K, D = cfg.num_codebooks, cfg.codebook_size, cfg.width
-        if cfg.image_input == "embedding":
-            # input: one table of K rows per sub-codebook, stored as one (k*K, D) table indexed with offsets
+        d = sub_code_dim(cfg.quantizer, cfg.latent_dim, k)   # one sub-code's vector in the tokenizer
+        if cfg.image_input == "embedding":   # one table of K rows per sub-codebook, as one (k*K, D) table + offsets
             self.code_embed = nn.Embedding(k * K, D)
             self.register_buffer("code_offsets", torch.arange(k) * K, persistent=False)
         else:
-            # a copy of the tokenizer's unit-norm codebooks (k, K, d) and of its post_quant_proj, made causal so a
-            # position's input never sees later positions; both are filled from the tokenizer at construction
-            self.register_buffer("codebooks", torch.zeros(k, K, cfg.latent_dim // k))
+            # copies of the tokenizer's code vectors (k, K, d) and of its post_quant_proj, made causal (filled from it)
+            self.register_buffer("codebooks", torch.zeros(k, K, d))
             self.post_quant_proj = build_projection(cfg.projection, cfg.latent_dim, cfg.tokenizer_width, causal=True)
             self.projector = image_projector(cfg.tokenizer_width, D)
         self.row_embed = nn.Parameter(torch.zeros(cfg.grid_size, D))
@@ -104,9 +104,9 @@ class TokenGenerator(nn.Module):
         geometry = cfg.code_logits == "codebook"
         if cfg.head == "depth":
             add_depth_head(self, D, k, K, cfg.depth_width, cfg.depth_layers, cfg.depth_heads, cfg.mlp_ratio,
-                           cfg.dropout, code_dim=cfg.latent_dim // k, geometry=geometry)
+                           cfg.dropout, code_dim=d, geometry=geometry)
         else:
-            self.classifier = CodeClassifier(D, k, K, cfg.latent_dim // k, shared=False, geometry=geometry)
+            self.classifier = CodeClassifier(D, k, K, d, shared=False, geometry=geometry)
         self._init_weights()
         self._tokenizer = [tokenizer]   # a list, so the frozen tokenizer is not registered as a submodule
         if tokenizer is not None:
@@ -132,7 +132,7 @@ class TokenGenerator(nn.Module):
         codebooks (`unitok.transformer.code_input.embed_codebooks`: codes the tokenizer placed near each other
         start near each other)."""
         cfg = self.config
-        codebooks = tokenizer.quantizer.normalized_codebooks().detach().float().cpu()   # (k, K, d)
+        codebooks = tokenizer.quantizer.codebook_vectors().detach().float().cpu()   # (k, K, d)
         k, K, _ = codebooks.shape
         if (k, K) != (cfg.num_codebooks, cfg.codebook_size):
             raise ValueError(f"the tokenizer has {k} x {K} codes but the generator expects "
@@ -246,7 +246,7 @@ class TokenGenerator(nn.Module):
         projection's keys and values of the positions before `codes` (decoding; `ProjectionAttention.forward`)."""
         if self.config.image_input == "embedding":
             return self.code_embed(codes + self.code_offsets).sum(-2)
-        return self.projector(self.post_quant_proj(code_vectors(self.codebooks, codes), cache))
+        return self.projector(self.post_quant_proj(code_vectors(self.codebooks, codes, self.config.latent_dim), cache))
 
     def pos_embed(self, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
         """(end - start, D) learned 2D embeddings of row-major positions start..end-1."""

@@ -1,7 +1,7 @@
 """Input noise and scheduled sampling for the generator's training: what the spatial transformer reads in place
 of the true codes (the targets stay the true codes), so that it learns not to trust its own imperfect draws.
 
-    >>> neighbours = code_neighbours(tokenizer.quantizer.normalized_codebooks(), 8)   # (k, K, 8)
+    >>> neighbours = code_neighbours(tokenizer.quantizer.codebook_vectors(), 8)   # (k, K, 8)
     >>> seen = corrupt_codes(codes, neighbours, 0.1)        # GeneratorTrainConfig.code_noise
     >>> seen = mix_own_draws(logits, codes, self_feed_share(step, train_config))   # GeneratorTrainConfig.self_feed
 

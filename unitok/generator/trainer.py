@@ -170,7 +170,7 @@ class GeneratorTrainer(TrainerBase):
                              f"{sorted(train_codes.labels)}")
         self.tokenizer = tokenizer.to(self.device).eval().requires_grad_(False)
         # built (and checked) before the run folder is touched; kept on the device the codes are corrupted on
-        self.neighbours = (code_neighbours(self.tokenizer.quantizer.normalized_codebooks().detach(),
+        self.neighbours = (code_neighbours(self.tokenizer.quantizer.codebook_vectors().detach(),
                                            train_config.code_noise_neighbours).to(self.device)
                            if train_config.code_noise else None)
         generator = TokenGenerator(gen_config, self.tokenizer).to(self.device)

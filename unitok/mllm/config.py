@@ -47,6 +47,7 @@ class MLLMConfig:
     latent_dim: int = 32
     tokenizer_width: int = 128
     projection: str = "attn"
+    quantizer: str = "mcq"               # the tokenizer's quantizer (unitok.tokenizer.quantizers)
 
     def __post_init__(self):
         self.validate()
@@ -103,7 +104,8 @@ class MLLMConfig:
         (when given), then `overrides`."""
         c = tokenizer.config
         values = dict(grid_size=c.grid_size, num_codebooks=c.num_codebooks, codebook_size=c.codebook_size,
-                      latent_dim=c.latent_dim, tokenizer_width=c.width, projection=c.projection)
+                      latent_dim=c.latent_dim, tokenizer_width=c.width, projection=c.projection,
+                      quantizer=c.quantizer)
         if text is not None:
             values["vocab_size"] = len(text)
         values.update(overrides)

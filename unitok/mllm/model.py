@@ -49,6 +49,7 @@ from timm.layers import trunc_normal_
 
 from ..tokenizer.codes import check_codes
 from ..tokenizer.projection import build_projection
+from ..tokenizer.quantizers import sub_code_dim
 from ..checkpoint import atomic_write, load_state_dict_checked
 from ..transformer.causal import CausalTransformer
 from ..transformer.code_input import code_vectors, image_projector
@@ -109,9 +110,8 @@ class UnifiedModel(nn.Module):
             self.code_embed = nn.Embedding(k * K, D)
             self.register_buffer("code_offsets", torch.arange(k) * K, persistent=False)
         else:
-            if cfg.image_input == "codebook":
-                # a frozen copy of the tokenizer's unit-norm codebooks (k, K, d): codes -> latent without the tokenizer
-                self.register_buffer("codebooks", torch.zeros(k, K, cfg.latent_dim // k))
+            if cfg.image_input == "codebook":   # a frozen copy of the tokenizer's code vectors (k, K, d): codes -> latent
+                self.register_buffer("codebooks", torch.zeros(k, K, sub_code_dim(cfg.quantizer, cfg.latent_dim, k)))
             in_dim = cfg.tokenizer_width
             if not (cfg.image_input == "continuous" and cfg.continuous_source == "encoder"):
                 self.post_quant_proj = build_projection(cfg.projection, cfg.latent_dim, cfg.tokenizer_width,
@@ -121,7 +121,7 @@ class UnifiedModel(nn.Module):
         self.text_head = nn.Linear(D, cfg.vocab_size)
         if cfg.can_generate:
             self.image_head = DepthHead(D, k, K, cfg.depth_width, cfg.depth_layers, cfg.depth_heads, cfg.mlp_ratio,
-                                        cfg.dropout, code_dim=cfg.latent_dim // k,
+                                        cfg.dropout, code_dim=sub_code_dim(cfg.quantizer, cfg.latent_dim, k),
                                         geometry=cfg.code_logits == "codebook")
         self._init_weights()
         self._tokenizer = [None]
@@ -151,14 +151,14 @@ class UnifiedModel(nn.Module):
         causal post_quant_proj from it (done at construction; a loaded model keeps its own trained copies)."""
         cfg, c = self.config, tokenizer.config
         want = dict(grid_size=c.grid_size, num_codebooks=c.num_codebooks, codebook_size=c.codebook_size,
-                    latent_dim=c.latent_dim, tokenizer_width=c.width)
+                    latent_dim=c.latent_dim, tokenizer_width=c.width, quantizer=c.quantizer)
         own = {key: getattr(cfg, key) for key in want}
         if want != own:
             raise ValueError(f"tokenizer does not match the unified model: tokenizer {want}, model {own}")
         self._tokenizer[0] = tokenizer.eval().requires_grad_(False)
         if copy_weights:
             with torch.no_grad():
-                books = tokenizer.quantizer.normalized_codebooks()
+                books = tokenizer.quantizer.codebook_vectors()
                 if hasattr(self, "codebooks"):
                     self.codebooks.copy_(books.to(self.codebooks))
                 if cfg.can_generate:
@@ -195,7 +195,7 @@ class UnifiedModel(nn.Module):
         if cfg.image_input == "embedding":
             return self.code_embed(image.long() + self.code_offsets).sum(-2)
         if cfg.image_input == "codebook":
-            return self.projector(self.post_quant_proj(code_vectors(self.codebooks, image), cache))
+            return self.projector(self.post_quant_proj(code_vectors(self.codebooks, image, cfg.latent_dim), cache))
         x = image.float()
         if cfg.continuous_source == "encoder":
             return self.projector(x)

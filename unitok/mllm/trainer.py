@@ -82,7 +82,7 @@ def apply_mllm_overrides(model: MLLMConfig, train: MLLMTrainConfig, overrides) -
     mtypes = {f.name: f.type for f in dataclasses.fields(MLLMConfig)}
     ttypes = {f.name: f.type for f in dataclasses.fields(MLLMTrainConfig)}
     fixed = {"grid_size", "num_codebooks", "codebook_size", "latent_dim", "tokenizer_width", "vocab_size",
-             "projection"}
+             "projection", "quantizer"}
     for key, value in items:
         section, _, name = key.rpartition(".")
         if section in ("model", "mllm", "") and name in m and name not in fixed:

@@ -35,6 +35,11 @@ METRICS = (
     Metric("codebook_usage", "codebook usage (mean over sub-codebooks)"),
     Metric("perplexity", "perplexity per sub-codebook (mean)"),
     Metric("effective_bits", "effective bits per token (sum of log2 perplexity)"),
+    Metric("normalized_entropy", "normalised entropy per sub-codebook (mean)"),
+    Metric("dead_codes", "dead codes per sub-codebook (mean)", False),
+    Metric("joint_unique_fraction", "distinct code tuples / tokens"),
+    # lower: sub-codes that carry separate information (the plug-in estimate minus its value for shuffled codes)
+    Metric("pairwise_mi_bits", "mutual information between sub-codes above chance (bits, mean pair)", False),
     Metric("clip_zero_shot_top1", "zero-shot of the pre-trained continuous CLIP"),
     Metric("gen_nll_bits", "generator held-out NLL (bits per position)", False),
     Metric("gen_nll_bits_heldout", "generator NLL, held-out pairs (bits per position)", False),
@@ -46,6 +51,8 @@ METRICS = (
     Metric("mllm_caption_acc", "unified model caption attributes, seen pairs"),
     Metric("mllm_caption_acc_heldout", "unified model caption attributes, held-out pairs"),
     Metric("pretrain_seconds", "CLIP pre-training seconds", False),
+    Metric("generator_train_seconds", "generator train seconds", False),
+    Metric("mllm_train_seconds", "unified model train seconds", False),
     Metric("train_seconds", "train seconds", False),
 )
 METRIC_BY_KEY = {m.key: m for m in METRICS}
@@ -69,10 +76,15 @@ def headline_metrics(results: dict) -> dict:
     for key in ("psnr", "ssim", "zero_shot_top1", "zero_shot_top1_heldout"):
         if isinstance(results.get(key), (int, float)):
             out[key] = float(results[key])
-    for key in ("codebook_usage", "perplexity", "normalized_entropy"):
+    for key in ("codebook_usage", "perplexity", "normalized_entropy", "dead_codes"):
         value = results.get(key)
         if isinstance(value, (list, tuple)) and value:
             out[key] = _mean(value)
+    if isinstance(results.get("joint_unique_fraction"), (int, float)):
+        out["joint_unique_fraction"] = float(results["joint_unique_fraction"])
+    if isinstance(results.get("mean_pairwise_mi"), (int, float)) and isinstance(
+            results.get("mean_pairwise_mi_shuffled"), (int, float)):   # nats -> bits, above the estimator's chance level
+        out["pairwise_mi_bits"] = (results["mean_pairwise_mi"] - results["mean_pairwise_mi_shuffled"]) / math.log(2)
     if isinstance(results.get("perplexity"), (list, tuple)):
         out["effective_bits"] = float(sum(math.log2(max(p, 1.0)) for p in results["perplexity"]))
     if isinstance(results.get("fid"), (int, float)):
@@ -89,7 +101,7 @@ def headline_metrics(results: dict) -> dict:
 # The columns of `unitok.studies.report.format_table` and the panels of its figures, where a study has them.
 TABLE_METRICS = ("psnr", "fid_proxy", "zero_shot_top1", "zero_shot_top1_heldout", "linear_probe_top1",
                  "linear_probe_top1_heldout",
-                 "codebook_usage", "effective_bits", "clip_zero_shot_top1", "gen_nll_bits", "gen_prompt_accuracy",
+                 "codebook_usage", "effective_bits", "dead_codes", "pairwise_mi_bits", "clip_zero_shot_top1", "gen_nll_bits", "gen_prompt_accuracy",
                  "gen_prompt_accuracy_heldout", "gen_fid_proxy", "mllm_vqa_acc", "mllm_vqa_acc_heldout",
                  "mllm_caption_acc", "mllm_caption_acc_heldout", "train_seconds", "pretrain_seconds")
 

@@ -18,6 +18,9 @@ Studies (`STUDIES`): each asks one of the paper's questions at a scale a laptop 
                 tokenizer: held-out NLL and whether generated images show what the prompt asked for.
 - `roadmap`     the unified model on six tokenizer variants (`unitok.studies.roadmap`); asked for by name, not part
                 of "all".
+- `quantizers`  MCQ against residual VQ, FSQ, LFQ and SimVQ (`unitok.tokenizer.quantizers`) at equal bits per token,
+                and what a generator and the unified model make of each one's codes (the consumers: one generator and
+                one unified-model run per tokenizer run); asked for by name, not part of "all".
 
 Every run is named by a hash of everything that determines it (`unitok.studies.spec.spec_hash`): a setting that two
 studies share (the default tokenizer is `k=8` in `codebooks`, `attn` in `projection`, `joint` in `supervision`,
@@ -26,12 +29,13 @@ the evaluation images are the same for every run (data seed 0), so settings are 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Union
+import math
+from typing import Dict, List, Optional, Sequence, Union
 
 from .roadmap import ROADMAP_STUDY, mllm_spec
 from .spec import Scale, Setting, Study, Task, spec_hash, tokenizer_spec
 
-__all__ = ["STUDIES", "ORDER", "parse_studies", "generator_spec", "plan"]
+__all__ = ["STUDIES", "ORDER", "QUANTIZER_STUDY", "parse_studies", "generator_spec", "consumer_specs", "plan"]
 
 
 def _codebook_setting(k: int) -> Setting:
@@ -65,6 +69,28 @@ ORDER = tuple(STUDIES)   # what "all" runs, and the order of every table
 STUDIES[ROADMAP_STUDY.name] = ROADMAP_STUDY
 
 
+def _quantizer_setting(name: str) -> Setting:
+    # Equal bits per token (k x log2 K) and the same k and K for every contender; LFQ spends one latent dimension per
+    # bit, so its latent is k x log2 K wide (64 for the tiny preset's 8 x 256) where the others keep the preset's.
+    overrides: dict = {"quantizer": name}
+    if name == "lfq":
+        overrides["latent_dim"] = lambda m: m.num_codebooks * int(math.log2(m.codebook_size))
+    return Setting(name, overrides)
+
+
+# Which quantizer: by name, not part of "all" (5 tokenizers, 5 generators and 5 unified models per seed).
+QUANTIZER_STUDY = Study(
+    "quantizers", "Which quantizer gives the best tokens for reconstruction, understanding, a generator and a "
+    "unified model, at equal bits per token: MCQ, residual VQ, FSQ, LFQ or SimVQ?",
+    tuple(_quantizer_setting(name) for name in ("mcq", "rvq", "fsq", "lfq", "simvq")),
+    "UniTok compares MCQ only against one large codebook (rFID 0.33 vs 0.70 at 8 x 4096 vs 1 x 32768 codes)",
+    consumers=("generator", "mllm"))
+STUDIES[QUANTIZER_STUDY.name] = QUANTIZER_STUDY
+# What a consumer of the quantizer study trains with: the commands' defaults, in fp32 like every study run.
+CONSUMER_GENERATOR_OVERRIDES = ("cpu_bf16=off",)
+CONSUMER_MLLM_OVERRIDES = {"image_input": "codebook"}
+
+
 def parse_studies(text: Union[str, Sequence[str]]) -> List[str]:
     """"codebooks", "codebooks,init" or "all" -> study names, in the canonical order."""
     names = text.split(",") if isinstance(text, str) else list(text)
@@ -78,15 +104,27 @@ def parse_studies(text: Union[str, Sequence[str]]) -> List[str]:
     return [n for n in ORDER if n in names] + [n for n in STUDIES if n not in ORDER and n in names]
 
 
-def generator_spec(scale: Scale, setting: Setting, seed: int) -> dict:
-    """Everything that determines one generator run of the `generation` study: its tokenizer's spec (a `codebooks`
-    setting) and key, the generator's steps, seed and data sizes."""
-    tok = tokenizer_spec(scale, STUDIES["codebooks"].setting(setting.tokenizer), seed)
+def generator_spec(scale: Scale, setting: Setting, seed: int, tokenizer: Optional[Setting] = None,
+                   overrides: Optional[Sequence[str]] = None) -> dict:
+    """Everything that determines one generator run: its tokenizer's spec and key (`tokenizer`, or for the
+    `generation` study the `codebooks` setting its setting names), the generator's steps, seed and data sizes, and
+    its settings (`overrides`; None: the generation study's pinned ones, `GENERATOR_STUDY_SETTINGS`)."""
+    tok = tokenizer_spec(scale, tokenizer or STUDIES["codebooks"].setting(setting.tokenizer), seed)
     steps = scale.generator_steps or scale.steps
     # codes of as many training images as the generator sees (at least 2048), held-out NLL on eval_images each
-    return {"kind": "generator", "tokenizer": tok, "tokenizer_key": spec_hash(tok), "steps": steps, "seed": seed,
+    spec = {"kind": "generator", "tokenizer": tok, "tokenizer_key": spec_hash(tok), "steps": steps, "seed": seed,
             "train_images": min(20_000, max(2048, 64 * steps)), "eval_images": scale.eval_images,
             "samples_per_prompt": 4}
+    if overrides is not None:
+        spec["generator_overrides"] = list(overrides)
+    return spec
+
+
+def consumer_specs(study: Study, scale: Scale, setting: Setting, seed: int) -> List[dict]:
+    """The specs of the models a study trains on each tokenizer setting's codes (`Study.consumers`)."""
+    make = {"generator": lambda: generator_spec(scale, setting, seed, setting, CONSUMER_GENERATOR_OVERRIDES),
+            "mllm": lambda: mllm_spec(scale, setting, seed, CONSUMER_MLLM_OVERRIDES)}
+    return [make[kind]() for kind in study.consumers]
 
 
 def plan(studies: Union[str, Sequence[str]], seeds: Union[int, Sequence[int]], scale: Scale) -> List[Task]:
@@ -104,6 +142,6 @@ def plan(studies: Union[str, Sequence[str]], seeds: Union[int, Sequence[int]], s
                     spec_fn = mllm_spec
                 else:
                     spec_fn = generator_spec if study.kind == "generator" else tokenizer_spec
-                spec = spec_fn(scale, setting, seed)
-                tasks.append(Task(name, setting.name, seed, spec, spec_hash(spec)))
+                for spec in (spec_fn(scale, setting, seed), *consumer_specs(study, scale, setting, seed)):
+                    tasks.append(Task(name, setting.name, seed, spec, spec_hash(spec)))
     return tasks

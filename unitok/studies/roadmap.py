@@ -29,7 +29,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from ..training.machine import REFERENCE_GFLOPS, git_revision, machine_info, matmul_peak
 from .metrics import plot_data
@@ -64,12 +64,14 @@ ROADMAP_STUDY = Study(
     "multi-codebook 62.6 -> attention projection 64.8", kind="mllm")
 
 
-def mllm_spec(scale, setting, seed: int) -> dict:
-    """Everything that determines one unified-model run: its tokenizer's spec (and key), the model overrides."""
+def mllm_spec(scale, setting, seed: int, model_overrides: Optional[dict] = None) -> dict:
+    """Everything that determines one unified-model run: its tokenizer's spec (and key), the model overrides (the
+    roadmap step's, unless given)."""
     tok = tokenizer_spec(scale, setting, seed)
     steps = scale.generator_steps or scale.steps
     return {"kind": "mllm", "tokenizer": tok, "tokenizer_key": spec_hash(tok), "steps": steps, "seed": seed,
-            "mllm": dict(ROADMAP[setting.name][1]), "train_images": min(6000, max(2048, 32 * steps)),
+            "mllm": dict(ROADMAP[setting.name][1] if model_overrides is None else model_overrides),
+            "train_images": min(6000, max(2048, 32 * steps)),
             "eval_images": min(scale.eval_images, 256)}
 
 
@@ -100,14 +102,14 @@ def run_mllm_task(task, out: Path, run_dir: Path, log: Callable) -> dict:
         if f"vqa_acc_{split}" in results:
             metrics[f"mllm_vqa_acc{suffix}"] = results[f"vqa_acc_{split}"]
             metrics[f"mllm_caption_acc{suffix}"] = results[f"caption_mean_acc_{split}"]
-    log(f"roadmap {task.setting} seed {task.seed}: VQA {metrics.get('mllm_vqa_acc', float('nan')):.3f}")
+    log(f"{task.study} {task.setting} seed {task.seed}: unified model VQA {metrics.get('mllm_vqa_acc', float('nan')):.3f}")
     record = {"kind": "mllm", "key": task.key, "metrics": metrics, "eval": results,
               "train_seconds": round(trainer.clock.train_seconds, 2), "wall_seconds": round(time.perf_counter() - start, 2),
               "matmul_peak_gflops": round(peak, 1),
               "peak_scaled_train_seconds": round(trainer.clock.train_seconds * peak / REFERENCE_GFLOPS, 2),
               "config": {**spec, "mllm_config": dataclasses.asdict(trainer.model_config),
                          "mllm_train": dataclasses.asdict(trainer.config)},
-              "paper_vqa": ROADMAP[task.setting][2],
+              **({"paper_vqa": ROADMAP[task.setting][2]} if task.study == "roadmap" else {}),
               "git": git_revision(), "machine": machine_info(device), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_text(run_dir / "result.json", json.dumps(record, indent=2, default=float))
     (run_dir / "checkpoint.pt").unlink(missing_ok=True)

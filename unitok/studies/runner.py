@@ -108,7 +108,7 @@ def _check_fid(fid: str) -> None:
 def _describe(record: dict) -> str:
     m = record["metrics"]
     parts = [f"{k} {m[k]:.3g}" for k in ("psnr", "zero_shot_top1", "zero_shot_top1_heldout", "fid_proxy",
-                                             "gen_nll_bits", "gen_prompt_accuracy") if k in m]
+                                             "gen_nll_bits", "gen_prompt_accuracy", "mllm_vqa_acc", "mllm_caption_acc") if k in m]
     return ", ".join(parts) + f" ({record.get('train_seconds', 0):.0f} s training)"
 
 
@@ -179,7 +179,7 @@ def _execute(todo: List[Task], out: Path, jobs: int, results_path: Path, log: Ca
         for key, t in needed.items():
             if key not in {w.key for w in waves[0]}:
                 label = (("codebooks", STUDIES["generation"].setting(t.setting).tokenizer)
-                         if t.spec["kind"] == "generator" else (t.study, f"{t.setting} (tokenizer)"))
+                         if t.study == "generation" else (t.study, f"{t.setting} (tokenizer)"))
                 waves[0].append(Task(*label, t.seed, t.spec["tokenizer"], key))
     total, count = len(todo), 0
     for wave in waves:
@@ -193,6 +193,10 @@ def _execute(todo: List[Task], out: Path, jobs: int, results_path: Path, log: Ca
                 if t in todo:
                     count += 1
                     line = {**record, "study": t.study, "setting": t.setting, "seed": t.seed, "run": t.run_dir}
+                    if STUDIES[t.study].consumers and record.get("kind") != "tokenizer":
+                        # a consumer's training time under its own name: the tokenizer's is `train_seconds`
+                        line["metrics"] = {(f"{record['kind']}_train_seconds" if k == "train_seconds" else k): v
+                                           for k, v in record["metrics"].items()}
                     _append_line(results_path, line)
                     log(f"[{count}/{total}] {t.study} {t.setting} seed {t.seed}: {_describe(line)} -> "
                         f"{out / t.run_dir}")

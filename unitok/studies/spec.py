@@ -44,6 +44,9 @@ class Study:
     settings: tuple
     paper: str                 # what the paper reports for this question
     kind: str = "tokenizer"    # "tokenizer", "generator" or "mllm" (the roadmap's unified models)
+    # models trained on each tokenizer setting's codes as well ("generator", "mllm"): their records join the
+    # tokenizer's under the same study, setting and seed (`unitok.studies.plan.consumer_specs`)
+    consumers: tuple = ()
 
     def setting(self, name: str) -> Setting:
         for s in self.settings:
@@ -52,6 +55,10 @@ class Study:
         raise ValueError(f"study {self.name!r} has no setting {name!r}; expected one of "
                          f"{[s.name for s in self.settings]}")
 
+
+# Model fields newer than the bundled studies, with the values those studies ran at: left out of a run's spec at these
+# values, so that the bundled results keep their keys (`from_dict` fills them in when the run is loaded).
+NEWER_MODEL_FIELDS = {"quantizer": "mcq", "fsq_levels": []}
 
 # Half the depth of `tiny`: at 32 px and a few hundred steps, steps buy more than depth (and the budget is fixed).
 ABLATION_OVERRIDES = ("encoder_depth=2", "decoder_depth=2")
@@ -123,7 +130,11 @@ def tokenizer_spec(scale: Scale, setting: Setting, seed: int) -> dict:
     train = to_dict(preset.train)
     if train.get("cpu_bf16") == "off":   # a field newer than the bundled studies: at "off" their run keys stay valid
         del train["cpu_bf16"]
-    spec = {"kind": "tokenizer", "model": to_dict(preset.model), "train": train,
+    model = to_dict(preset.model)
+    for key, value in NEWER_MODEL_FIELDS.items():   # the same for the quantizer's fields, at MCQ
+        if key in model and json.dumps(model[key]) == json.dumps(value):   # (a tuple and a list alike)
+            del model[key]
+    spec = {"kind": "tokenizer", "model": model, "train": train,
             "data": {"name": scale.data, "path": None, "eval_images": scale.eval_images, "seed": 0},
             "fid": scale.fid}
     if setting.clip_init:

@@ -40,7 +40,9 @@ class ModelConfig:
     # projection around the quantizer
     projection: str = "attn"          # "attn" (AttnProjection), "linear", or "attn_reference" (the released layout)
     projection_causal: bool = False   # an early reference release used causal attention
-    # multi-codebook quantizer
+    # the quantizer: "mcq" (multi-codebook, UniTok's) or "rvq", "fsq", "lfq", "simvq" (unitok.tokenizer.quantizers)
+    quantizer: str = "mcq"
+    fsq_levels: tuple = ()            # fsq only: levels per dimension of a sub-code (product = codebook_size); () = equal
     latent_dim: int = 32
     num_codebooks: int = 8
     codebook_size: int = 256
@@ -84,7 +86,7 @@ class ModelConfig:
     disc_cr_weight: float = 4.0       # consistency regularisation of the discriminator
 
     def __post_init__(self):
-        for name in ("conv_widths", "conv_depths", "decoder_conv_widths", "decoder_conv_depths"):
+        for name in ("conv_widths", "conv_depths", "decoder_conv_widths", "decoder_conv_depths", "fsq_levels"):
             value = getattr(self, name)  # JSON gives lists, overrides give floats: one form, tuples of ints
             if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and float(v).is_integer()
                                                          for v in value):
@@ -116,6 +118,9 @@ class ModelConfig:
         if self.mlp not in ("gelu", "geglu"):
             problems.append(f"mlp must be 'gelu' or 'geglu', got {self.mlp!r}")
         problems += _reference_layout_problems(self)
+        from .quantizers import quantizer_problems   # (imports torch: kept out of this module's import)
+
+        problems += quantizer_problems(self)
         if self.text_width % self.text_heads:
             problems.append(f"text_width {self.text_width} must be divisible by text_heads {self.text_heads}")
         if problems:
@@ -289,7 +294,7 @@ FIELDS_WITH_SAFE_DEFAULTS: dict[str, set[str]] = {
     "ModelConfig": {"decoder", "conv_widths", "conv_depths", "decoder_conv_widths", "decoder_conv_depths",
                     "fc_norm_eps", "lpips_weight", "gan_weight", "gan_start", "gan_warmup", "gan_adaptive_scale",
                     "gan_adaptive_max", "disc_cr_weight", "image_head_depth",
-                    "hard_negative_weight", "image_pool"},
+                    "hard_negative_weight", "image_pool", "quantizer", "fsq_levels"},   # quantizer: mcq before
     "TrainConfig": {"disc_lr", "disc_betas", "disc_weight_decay", "disc_image_size", "lpips_weights",
                     "dino_weights", "cpu_bf16"},   # cpu_bf16: older runs trained in fp32 on the CPU
 }

@@ -40,7 +40,8 @@ from timm.models.vision_transformer import Block
 from ..checkpoint import atomic_write, load_state_dict_checked, read_safetensors
 from .config import ModelConfig, from_dict, get_preset
 from .projection import build_projection
-from .quantizer import MultiCodebookQuantizer, QuantizerOutput
+from .quantizer import QuantizerOutput
+from .quantizers import build_quantizer
 
 Texts = Union[Sequence[str], torch.Tensor]
 TOKEN_CACHE_SIZE = 1 << 17   # distinct captions kept tokenized (24 ids each: about 25 MB at most)
@@ -158,9 +159,7 @@ class UniTok(nn.Module):
         self.encoder = (ViTEncoder(cfg) if cfg.encoder == "vit" else vitamin.ViTaminEncoder(cfg)
                         if cfg.encoder in vitamin.VITAMIN_ENCODERS else TimmEncoder(cfg))
         self.quant_proj = _projection(cfg, cfg.width, cfg.latent_dim)
-        self.quantizer = MultiCodebookQuantizer(
-            cfg.latent_dim, cfg.num_codebooks, cfg.codebook_size, beta=cfg.beta, entropy_weight=cfg.entropy_weight,
-            entropy_temperature=cfg.entropy_temperature, dead_code_restart_every=cfg.dead_code_restart_every)
+        self.quantizer = build_quantizer(cfg)   # MCQ, or a contender of unitok.tokenizer.quantizers
         self.post_quant_proj = _projection(cfg, cfg.latent_dim, cfg.width)
         self.decoder = vitamin.ViTaminDecoder(cfg) if cfg.decoder == "vitamin" else ViTDecoder(cfg)
         if cfg.image_head_depth:  # absent at depth 0, so the reference's state dict is unchanged

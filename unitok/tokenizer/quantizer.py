@@ -42,7 +42,7 @@ class QuantizerOutput:
     entropy_loss: Optional[torch.Tensor] = None  # () only when entropy_weight > 0
 
 
-def _fp32_region(device: torch.device):
+def fp32_region(device: torch.device):
     """Disable autocast so the search and the loss run in fp32 (bf16 would flip near-tie argmaxes)."""
     if device.type in ("cuda", "cpu", "xpu", "mps"):
         return torch.autocast(device_type=device.type, enabled=False)
@@ -95,12 +95,17 @@ class MultiCodebookQuantizer(nn.Module):
         """(k, K, d) unit-norm code vectors, fp32 (differentiable w.r.t. `codebooks`)."""
         return F.normalize(self.codebooks.float(), dim=-1)
 
+    def codebook_vectors(self) -> torch.Tensor:
+        """(k, K, d) the vector each sub-code stands for (a token's vector is their concatenation), as every
+        quantizer of `unitok.tokenizer.quantizers` offers it: here the unit-norm codebooks."""
+        return self.normalized_codebooks()
+
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """z: (..., dim) -> QuantizerOutput with z_q (..., dim), codes (..., k), loss (), counts (k, K)."""
         if z.shape[-1] != self.dim:
             raise ValueError(f"expected input of shape (..., {self.dim}), got {tuple(z.shape)}")
         lead = z.shape[:-1]
-        with _fp32_region(z.device):
+        with fp32_region(z.device):
             chunks = F.normalize(z.float().reshape(-1, self.num_codebooks, self.code_dim), dim=-1)  # (N, k, d)
             codebooks = self.normalized_codebooks()
             codes = self.nearest_codes(chunks, codebooks)                                       # (N, k)
@@ -123,7 +128,7 @@ class MultiCodebookQuantizer(nn.Module):
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (..., k) int -> z_q (..., dim): the same vectors `forward` outputs for those codes."""
         self.check_codes(codes)
-        with _fp32_region(codes.device):
+        with fp32_region(codes.device):
             z_q = self._gather(self.normalized_codebooks(), codes.reshape(-1, self.num_codebooks).long())
         return z_q.reshape(*codes.shape[:-1], self.dim)
 

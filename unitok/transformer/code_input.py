@@ -17,11 +17,13 @@ def image_projector(in_dim: int, width: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(in_dim, eps=1e-6), nn.Linear(in_dim, width), nn.GELU(), nn.Linear(width, width))
 
 
-def code_vectors(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """codebooks (k, K, d) unit-norm, codes (..., k) -> the quantized latent (..., k * d), as the tokenizer's
-    `quantizer.lookup` gives it, from a copy of its codebooks."""
-    k = codebooks.shape[0]
-    return codebooks[torch.arange(k, device=codes.device), codes.long()].flatten(-2)
+def code_vectors(codebooks: torch.Tensor, codes: torch.Tensor, latent_dim: int) -> torch.Tensor:
+    """codebooks (k, K, d) (the tokenizer's `quantizer.codebook_vectors()`), codes (..., k) -> the quantized latent
+    (..., latent_dim), as the tokenizer's `quantizer.lookup` gives it, from a copy of its codebooks: the k vectors
+    side by side when k * d = latent_dim (MCQ, FSQ, LFQ, SimVQ), their sum when d = latent_dim (residual VQ)."""
+    k, d = codebooks.shape[0], codebooks.shape[-1]
+    vectors = codebooks[torch.arange(k, device=codes.device), codes.long()]          # (..., k, d)
+    return vectors.flatten(-2) if k * d == latent_dim else vectors.sum(-2)
 
 
 @torch.no_grad()
