@@ -3,13 +3,13 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-EXTRAS  := notebook,test,fid,webdataset,bench
+EXTRAS  := notebook,test,fid,webdataset
 # `make lab` installs only what the notebooks need (no test, benchmark, FID or webdataset packages).
 LAB_STAMP  := $(VENV)/.installed-lab
 LAB_EXTRAS := notebook
 PORT    ?= 8888
 
-.PHONY: venv test lab lab-times data clean bench checkpoint generator mllm docs-notebooks
+.PHONY: venv test lab lab-times data clean bench checkpoint generator mllm docs-notebooks quantizer-study
 
 venv: $(STAMP)
 
@@ -100,6 +100,16 @@ generator: venv
 mllm: venv
 	OMP_NUM_THREADS=1 $(BIN)/python -m unitok.cli train-mllm --tokenizer data/tiny-shapes --data shapes --out runs/tiny-mllm --overwrite
 	$(BIN)/python -m unitok.cli.mllm export runs/tiny-mllm data/tiny-mllm --overwrite
+
+# Re-run the bundled quantizer study into docs/ablations/quantizers/ (5 quantizers x 3 seeds, each with a generator and
+# a unified model on its codes: about 100 minutes of wall time on a quiet 2-core CPU; see docs/quantizers.md). The
+# runs go to runs/ablate-quantizers (resumable: run it again after a stop); the results and the report are copied.
+quantizer-study: venv
+	$(BIN)/python -m unitok.cli ablate quantizers --seeds 3 --steps 200 --model-steps 200 --jobs 2 \
+		--out runs/ablate-quantizers
+	mkdir -p docs/ablations/quantizers
+	cp runs/ablate-quantizers/results.jsonl runs/ablate-quantizers/ablate.json docs/ablations/quantizers/
+	$(BIN)/python -m unitok.cli ablate report docs/ablations/quantizers
 
 clean:
 	rm -rf $(VENV) .pytest_cache

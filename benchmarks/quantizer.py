@@ -1,6 +1,7 @@
-"""Multi-codebook quantizer: forward + backward at the reference size, three implementations side by side.
+"""Multi-codebook quantizer: forward + backward at the reference size, three implementations side by side, and
+the quantizer study's contenders beside it.
 
-    python benchmarks/quantizer.py [--tokens 16384] [--repeats 3] [--threads 1]
+    python benchmarks/quantizer.py [--tokens 16384] [--repeats 3] [--threads 1] [--no-contenders]
 
 Contenders, all in this one process on the same input (64 images x 256 tokens, 64-d, 8 sub-codebooks x 4096):
   unitok   unitok.MultiCodebookQuantizer: all sub-codebooks searched by one batched matmul over cache-sized
@@ -16,6 +17,14 @@ Contenders, all in this one process on the same input (64 images x 256 tokens, 6
            with a learnable codebook, so it searches by Euclidean distance on unnormalised chunks and codes; and
            its loss is one mse(quantized, input) term with gradients to both sides (weight 1) instead of
            0.25 * commitment + 1 * codebook.
+The quantizer study's contenders (unitok.tokenizer.quantizers, the library's classes behind the toolkit's token
+format) at the same size and an equal 96 bits per token, each timed and measured the same way, as a multiple of
+unitok's (MCQ) time and memory:
+  rvq      ResidualVQ: 8 levels of 4096 codes over the whole 64-d latent (EMA codebooks, k-means init).
+  fsq      FSQ: 8 chunks of 8 dimensions, levels (4, 4, 4, 4, 2, 2, 2, 2) = 4096 points each; nothing to search.
+  lfq      LFQ: 8 groups of 12 sign bits, so a 96-d latent (the others' is 64-d); its entropy loss compares every
+           token with all 4096 corners of its group, which is what it costs.
+  simvq    SimVQ per chunk: 8 frozen codebooks of 4096 through learned linear maps, Euclidean search.
 It prints the fp32 matmul peak of this machine measured in the same run (every absolute time is only meaningful
 next to it: these machines differ by up to 3x from one day to the next), the median wall time of each contender,
 its peak memory (the growth of peak RSS during one forward + backward, each contender in a fresh subprocess so they
@@ -63,8 +72,29 @@ class ReferenceLoopQuantizer(nn.Module):
         return z_q, torch.stack(codes, -1), sum(losses) / len(losses)
 
 
+CONTENDERS = ("rvq", "fsq", "lfq", "simvq")
+CONTENDER_LATENT = {"lfq": K_BOOKS * 12}   # one bit per dimension: 8 x log2(4096)
+
+
+def latent_dim(name):
+    return CONTENDER_LATENT.get(name, DIM)
+
+
 def build(name):
     torch.manual_seed(0)
+    if name in CONTENDERS:
+        from unitok.tokenizer.config import ModelConfig
+        from unitok.tokenizer.quantizers import build_quantizer
+        dim = latent_dim(name)
+        config = ModelConfig(latent_dim=dim, num_codebooks=K_BOOKS, codebook_size=K_CODES, quantizer=name,
+                             width=2 * dim, fsq_levels=(4, 4, 4, 4, 2, 2, 2, 2) if name == "fsq" else ())
+        q = build_quantizer(config).train()
+
+        def run(z):
+            out = q(z)
+            return out.z_q, out.loss
+
+        return run, q
     if name == "unitok":
         from unitok.tokenizer.quantizer import MultiCodebookQuantizer
         q = MultiCodebookQuantizer(DIM, K_BOOKS, K_CODES)
@@ -108,7 +138,8 @@ def time_one(name, tokens, repeats):
     """Median seconds of forward + backward (loss = mean square of the output + the quantizer's own loss, so the
     codebooks get their gradients too)."""
     fn, _ = build(name)
-    z = torch.randn(tokens // 256, 256, DIM, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    z = torch.randn(tokens // 256, 256, latent_dim(name), generator=torch.Generator().manual_seed(1),
+                    requires_grad=True)
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
@@ -125,7 +156,7 @@ def _status_kib(field):
 
 def _measure_peak(name, tokens):
     fn, _ = build(name)
-    z = torch.randn(tokens // 256, 256, DIM, requires_grad=True)
+    z = torch.randn(tokens // 256, 256, latent_dim(name), requires_grad=True)
     _objective(fn, z).backward()               # warm-up: lazy inits and allocator pools are not the algorithm
     z.grad = None
     with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak-RSS high-water mark to the current RSS
@@ -162,16 +193,16 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="intra-op threads (default: torch's); 1 gives stable ratios on a machine shared with other "
                          "work, where multi-threaded small kernels wait on each other")
+    ap.add_argument("--no-contenders", action="store_true",
+                    help="only the three MCQ implementations, not the quantizer study's other quantizers")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     names = ["unitok", "loop"]
-    try:
-        import vector_quantize_pytorch  # noqa: F401
-        names.append("vqtorch")
-    except ImportError:
-        print("vector_quantize_pytorch not installed: skipping that contender (pip install unitok[bench])")
+    names.append("vqtorch")   # vector-quantize-pytorch is a dependency of unitok (the quantizer study's contenders)
+    contenders = [] if args.no_contenders else list(CONTENDERS)
+    names += contenders
     cpu = torch.device("cpu")
     peak_before = matmul_peak(cpu)
     print(f"forward+backward, {args.tokens} tokens x {DIM}-d, {K_BOOKS} x {K_CODES} codes, "
@@ -191,7 +222,11 @@ def main(argv=None):
     for n, r in results.items():
         print(f"  {n:8s} median {r['median_s'] * 1e3:8.1f} ms   peak +{r['peak_mib']:7.1f} MiB")
     base = results["unitok"]
-    for n in names[1:]:
+    for n in contenders:
+        r = results[n]
+        print(f"contender {n:6s}: {r['median_s'] / base['median_s']:.3g}x unitok's time, "
+              f"{r['peak_mib'] / base['peak_mib']:.3g}x its peak memory")
+    for n in [n for n in names[1:] if n not in contenders]:
         r = results[n]
         print(f"unitok vs {n:8s}: {r['median_s'] / base['median_s']:.3g}x faster, "
               f"peak memory {base['peak_mib'] / r['peak_mib']:.3g}x of {n}'s")

@@ -30,6 +30,10 @@ def test_quantizer_benchmark_prints_finite_ratios():
         assert math.isfinite(float(memory)) and float(memory) > 0, (name, memory)
     peaks = re.search(r"fp32 matmul peak .*: (\S+) GFLOP/s before the timings, (\S+) GFLOP/s after", out)
     assert peaks and all(math.isfinite(float(p)) and float(p) > 0 for p in peaks.groups()), out
+    contenders = dict((name, (float(t), float(m))) for name, t, m in
+                      re.findall(r"contender (\w+)\s*: (\S+)x unitok's time, (\S+)x its peak memory", out))
+    assert sorted(contenders) == ["fsq", "lfq", "rvq", "simvq"], out
+    assert all(math.isfinite(v) and v > 0 for pair in contenders.values() for v in pair), contenders
 
 
 def test_throughput_benchmark_prints_each_mode_against_the_peak_of_its_precision():

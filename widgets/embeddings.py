@@ -58,7 +58,7 @@ class TokenEmbeddingExplorer(View):
     on `num_images` images; selecting a code shows the image patches whose token uses it.
 
     Args:
-        model: a UniTok model (its `quantizer.normalized_codebooks()` are the points).
+        model: a UniTok model (its `quantizer.codebook_vectors()` are the points).
         data: images to count code use on and to cut patches from (dataset, tensor or list); None = no counts,
             no gallery.
         num_images: how many of the dataset's first images to encode.
@@ -83,7 +83,7 @@ class TokenEmbeddingExplorer(View):
         self.patch_size, self.grid_size = cfg.patch_size, cfg.grid_size
         self.max_patches, self.seed, self.umap_kwargs = int(max_patches), int(seed), dict(umap_kwargs or {})
         with inference(model):        # the model's lock: a dashboard may be updating these codebooks right now
-            self.vectors = model.quantizer.normalized_codebooks().detach().float().cpu().numpy()   # (k, K, d)
+            self.vectors = model.quantizer.codebook_vectors().detach().float().cpu().numpy()   # (k, K, d)
         if dataset is not None:
             self.images = take_images(dataset, num_images)                                         # (B, 3, S, S)
             self.codes = encode_images(model, self.images)                                         # (B, H, W, k)

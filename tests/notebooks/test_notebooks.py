@@ -26,7 +26,7 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 OURS = ["00_quickstart", "01_train_step_by_step", "02_codebook_utilization", "03_reconstructions",
         "04_token_embeddings", "05_zero_shot_understanding", "06_bring_your_own_data", "07_generation",
         "08_released_checkpoint", "09_paper_in_miniature", "11_straight_through_estimator",
-        "12_attention_projection"]
+        "12_attention_projection", "13_which_quantizer"]
 
 # Run after the notebook, in its kernel (smoke mode). Each ends by printing "checks passed".
 CHECKS = {
@@ -177,6 +177,20 @@ assert rows["attn"]["output tokens changed (of 64)"] == 64 and rows["linear"]["o
 assert runs["attn"].model.num_parameters() > runs["linear"].model.num_parameters()
 assert comparison.loc["PSNR (dB)"].notna().all() and np.isfinite(comparison.loc["PSNR (dB)", ["attn", "linear"]]).all()
 assert 0 <= comparison.loc["zero-shot top-1 % (seen)", "attn"] <= 100
+""",
+    "13_which_quantizer": """
+assert set(rows) == {"mcq", "rvq", "fsq", "lfq", "simvq"}
+assert {r["bits per token"] for r in rows.values()} == {64.0}
+assert all(r["codes shape"] == (2, 64, 8) for r in rows.values())
+assert all(t.step_count == STEPS for t in runs.values()) and set(runs) == set(CONTENDERS)
+assert [type(t.model.quantizer).__name__ for t in runs.values()] == ["MultiCodebookQuantizer", "ResidualQuantizer"]
+for name, r in results.items():
+    assert math.isfinite(r["psnr"]) and len(r["codebook_usage"]) == runs[name].model_config.num_codebooks, name
+assert all(v.window_tokens == EVAL_IMAGES * runs[n].model_config.num_tokens for n, v in usage_views.items())
+assert all(len(v.selected_codes) == runs[n].model_config.num_codebooks for n, v in grid_views.items())
+assert {r["setting"] for r in records} == {"mcq", "rvq", "fsq", "lfq", "simvq"}
+assert "Verdicts" in format_verdicts(summary_rows, "quantizers")
+assert set(nll["quantizer"]) == {"mcq", "rvq", "fsq", "lfq", "simvq"}
 """,
 }
 

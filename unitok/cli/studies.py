@@ -3,6 +3,7 @@ roadmap) with several seeds; `unitok ablate report DIR` summarises them.
 
     unitok ablate codebooks --seeds 3 --out runs/ablate      # unitok.studies.runner.run_ablation
     unitok ablate roadmap --seeds 3 --model-steps 800        # the unified model on six tokenizers
+    unitok ablate quantizers --seeds 3 --jobs 2              # MCQ, RVQ, FSQ, LFQ, SimVQ + what consumes their codes
     unitok ablate report runs/ablate                         # report.md and ablation_<study>.png (unitok.studies.report)
 """
 from __future__ import annotations
@@ -25,15 +26,17 @@ def add_study_commands(sub) -> None:
     a = sub.add_parser("ablate", help="re-run the paper's ablations with seeds; `ablate report DIR` summarises",
                        description="unitok ablate STUDY [--seeds 3] [--steps N] [--out runs/ablate] [--jobs J]\n"
                                    "unitok ablate report DIR\n\nstudies: " + ", ".join(ORDER)
-                                   + " (comma-separated, or 'all'); and roadmap: the unified model on six "
-                                     "tokenizer variants (asked for by name, not part of 'all')",
+                                   + " (comma-separated, or 'all'); and, asked for by name (not part of 'all'): "
+                                     "roadmap, the unified model on six tokenizer variants; quantizers, MCQ against "
+                                     "residual VQ, FSQ, LFQ and SimVQ with a generator and a unified model on each",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    a.add_argument("study", help=f"one of {', '.join(ORDER)}, roadmap, a comma-separated list, 'all', or 'report'")
+    a.add_argument("study", help=f"one of {', '.join(ORDER)}, roadmap, quantizers, a comma-separated list, 'all', "
+                                 "or 'report'")
     a.add_argument("dir", nargs="?", help="for `report`: the ablation folder (or its results.jsonl)")
     a.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per setting (default 3)")
     a.add_argument("--steps", type=int, help=f"training steps per run (default {Scale.steps})")
     a.add_argument("--model-steps", type=int, help="training steps of the generator (generation) and of the unified "
-                   "model (roadmap) trained on each tokenizer (default: --steps)")
+                   "model (roadmap, quantizers) trained on each tokenizer (default: --steps)")
     a.add_argument("--out", default="runs/ablate", help="the ablation folder (default runs/ablate)")
     a.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, one process each")
     a.add_argument("--fid", choices=["proxy", "none"], default="proxy",

@@ -106,7 +106,7 @@ TABLE_METRICS = ("psnr", "fid_proxy", "zero_shot_top1", "zero_shot_top1_heldout"
                  "mllm_caption_acc", "mllm_caption_acc_heldout", "train_seconds", "pretrain_seconds")
 
 PLOT_METRICS = ("psnr", "fid_proxy", "zero_shot_top1", "zero_shot_top1_heldout", "linear_probe_top1",
-                "effective_bits", "gen_nll_bits", "gen_prompt_accuracy", "gen_prompt_accuracy_heldout",
+                "codebook_usage", "effective_bits", "pairwise_mi_bits", "gen_nll_bits", "gen_prompt_accuracy", "gen_prompt_accuracy_heldout",
                 "gen_fid_proxy", "mllm_vqa_acc", "mllm_vqa_acc_heldout", "mllm_caption_acc",
                 "mllm_caption_acc_heldout")
 

@@ -18,8 +18,9 @@ from .metrics import METRIC_BY_KEY, METRICS, TABLE_METRICS, plot_data
 from .plan import ORDER, STUDIES
 from .roadmap import plot_roadmap
 from .runner import load_results
+from .verdicts import format_correlations, format_verdicts
 
-__all__ = ["summarize", "format_mean_std", "format_table", "plot_study", "report"]
+__all__ = ["summarize", "format_mean_std", "format_table", "plot_study", "plot_predictor", "report"]
 
 
 def summarize(records: Iterable[dict]) -> List[dict]:
@@ -123,6 +124,45 @@ def plot_study(rows: List[dict], study: str, png: Optional[Union[str, Path]] = N
     return fig
 
 
+def plot_predictor(records: List[dict], study: str, x_metric: str = "codebook_usage",
+                   y_metrics: Sequence[str] = ("psnr", "zero_shot_top1", "gen_nll_bits", "mllm_vqa_acc"),
+                   png: Optional[Union[str, Path]] = None):
+    """Scatter plots of one codebook statistic (x) against downstream metrics, one dot per (setting, seed) cell,
+    coloured by setting, with Pearson r and its 95 % interval in each title (`unitok.studies.verdicts`). Returns
+    the matplotlib figure (and writes `png` when given)."""
+    import matplotlib
+    if png is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from .verdicts import correlations
+
+    cells: Dict[tuple, dict] = {}
+    for r in records:
+        if r["study"] == study:
+            cells.setdefault((r["setting"], r["seed"]), {}).update(r["metrics"])
+    y_metrics = [y for y in y_metrics if any(y in m and x_metric in m for m in cells.values())]
+    if not y_metrics:
+        raise ValueError(f"no cell of study {study!r} has both {x_metric} and one of the metrics to plot")
+    settings = list(dict.fromkeys(s for s, _ in cells))
+    colours = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(y_metrics), figsize=(3.3 * len(y_metrics), 3.0), squeeze=False)
+    for ax, y in zip(axes[0], y_metrics):
+        for i, setting in enumerate(settings):
+            pts = [(m[x_metric], m[y]) for (s, _), m in cells.items() if s == setting and x_metric in m and y in m]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colours(i % 10), label=setting, s=22)
+        c = correlations(records, study, x_metric, y)
+        interval = "" if math.isnan(c["low"]) else f" [{c['low']:+.2f}, {c['high']:+.2f}]"
+        ax.set_title(f"{METRIC_BY_KEY[y].label if y in METRIC_BY_KEY else y}\nr = {c['r']:+.2f}{interval}, "
+                     f"n = {c['n']}", fontsize=8)
+        ax.set_xlabel(METRIC_BY_KEY[x_metric].label if x_metric in METRIC_BY_KEY else x_metric, fontsize=7)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    if png is not None:
+        fig.savefig(png, dpi=110)
+    return fig
+
+
 def report(path: Union[str, Path], out_dir: Optional[Union[str, Path]] = None, plots: bool = True) -> str:
     """Read DIR/results.jsonl (or a results file); write report.md and, per study, ablation_<study>.png (and for
     the roadmap roadmap.png) into `out_dir` (default: the results file's folder). Returns the markdown tables.
@@ -140,6 +180,11 @@ def report(path: Union[str, Path], out_dir: Optional[Union[str, Path]] = None, p
     out_dir = Path(out_dir) if out_dir is not None else (path if path.is_dir() else path.parent)
     rows = summarize(records)
     text = format_table(rows)
+    for study in dict.fromkeys(r["study"] for r in rows):   # what the numbers allow one to say, study by study
+        if max(r["n"] for r in rows if r["study"] == study) > 1:
+            text += f"\n#### {study}: verdicts\n\n" + format_verdicts(rows, study)
+        if STUDIES.get(study) is not None and STUDIES[study].consumers:
+            text += "\n" + format_correlations(records, study)
     peaks = [r["matmul_peak_gflops"] for r in records if "matmul_peak_gflops" in r]
     train = sum(r.get("train_seconds", 0) for r in _distinct_runs(records))
     scaled = sum(r.get("peak_scaled_train_seconds", 0) for r in _distinct_runs(records))
@@ -157,6 +202,11 @@ def report(path: Union[str, Path], out_dir: Optional[Union[str, Path]] = None, p
             except ValueError:
                 continue
             plt.close(fig)
+            if STUDIES.get(study) is not None and STUDIES[study].consumers:
+                try:
+                    plt.close(plot_predictor(records, study, png=out_dir / f"{study}_usage.png"))
+                except ValueError:
+                    pass
         if any(r["study"] == "roadmap" for r in rows):   # and the paper-style figure: ours against the paper's
             plt.close(plot_roadmap(rows, png=out_dir / "roadmap.png"))
     return text

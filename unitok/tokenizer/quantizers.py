@@ -52,16 +52,26 @@ def bits_per_token(num_codebooks: int, codebook_size: int) -> float:
 
 
 def fsq_levels(cfg) -> Tuple[int, ...]:
-    """FSQ's levels per dimension of a sub-code: the config's `fsq_levels`, or latent/k equal levels whose product is
-    K (256 codes over 4 dimensions: 4 x 4 x 4 x 4). ValueError when no such levels exist."""
+    """FSQ's levels per dimension of a sub-code: the config's `fsq_levels`, or latent/k levels >= 2 whose product is
+    K, as even as possible (256 codes over 4 dimensions: 4 x 4 x 4 x 4; 64 over 4: 4 x 4 x 2 x 2). ValueError when K
+    has too few prime factors to give every dimension at least 2 levels."""
     d = cfg.latent_dim // cfg.num_codebooks
     if cfg.fsq_levels:
         return tuple(cfg.fsq_levels)
-    level = round(cfg.codebook_size ** (1 / d))
-    if level ** d != cfg.codebook_size:
-        raise ValueError(f"fsq: codebook_size {cfg.codebook_size} is not an integer level to the power latent_dim / "
-                         f"num_codebooks = {d}; set fsq_levels to {d} levels whose product is {cfg.codebook_size}")
-    return (level,) * d
+    factors, rest, p = [], cfg.codebook_size, 2
+    while rest > 1:                       # prime factors of K, largest first
+        while rest % p == 0:
+            factors.append(p)
+            rest //= p
+        p += 1
+    levels = [1] * d
+    for f in sorted(factors, reverse=True):
+        levels[levels.index(min(levels))] *= f
+    if min(levels) < 2:
+        raise ValueError(f"fsq: codebook_size {cfg.codebook_size} cannot be spread over latent_dim / num_codebooks = "
+                         f"{d} dimensions with at least 2 levels each; set fsq_levels ({d} levels whose product is "
+                         f"{cfg.codebook_size}) or another codebook_size")
+    return tuple(sorted(levels, reverse=True))
 
 
 def quantizer_problems(cfg) -> list:
