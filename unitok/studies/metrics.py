@@ -83,7 +83,7 @@ def headline_metrics(results: dict) -> dict:
     if isinstance(results.get("joint_unique_fraction"), (int, float)):
         out["joint_unique_fraction"] = float(results["joint_unique_fraction"])
     if isinstance(results.get("mean_pairwise_mi"), (int, float)) and isinstance(
-            results.get("mean_pairwise_mi_shuffled"), (int, float)):   # nats -> bits, above the estimator's chance level
+            results.get("mean_pairwise_mi_shuffled"), (int, float)):   # nats -> bits, above the estimator's chance
         out["pairwise_mi_bits"] = (results["mean_pairwise_mi"] - results["mean_pairwise_mi_shuffled"]) / math.log(2)
     if isinstance(results.get("perplexity"), (list, tuple)):
         out["effective_bits"] = float(sum(math.log2(max(p, 1.0)) for p in results["perplexity"]))
@@ -100,14 +100,13 @@ def headline_metrics(results: dict) -> dict:
 
 # The columns of `unitok.studies.report.format_table` and the panels of its figures, where a study has them.
 TABLE_METRICS = ("psnr", "fid_proxy", "zero_shot_top1", "zero_shot_top1_heldout", "linear_probe_top1",
-                 "linear_probe_top1_heldout",
-                 "codebook_usage", "effective_bits", "dead_codes", "pairwise_mi_bits", "clip_zero_shot_top1", "gen_nll_bits", "gen_prompt_accuracy",
-                 "gen_prompt_accuracy_heldout", "gen_fid_proxy", "mllm_vqa_acc", "mllm_vqa_acc_heldout",
+                 "linear_probe_top1_heldout", "codebook_usage", "effective_bits", "dead_codes", "pairwise_mi_bits",
+                 "clip_zero_shot_top1", "gen_nll_bits", "gen_prompt_accuracy", "gen_prompt_accuracy_heldout", "gen_fid_proxy", "mllm_vqa_acc", "mllm_vqa_acc_heldout",
                  "mllm_caption_acc", "mllm_caption_acc_heldout", "train_seconds", "pretrain_seconds")
 
 PLOT_METRICS = ("psnr", "fid_proxy", "zero_shot_top1", "zero_shot_top1_heldout", "linear_probe_top1",
-                "codebook_usage", "effective_bits", "pairwise_mi_bits", "gen_nll_bits", "gen_prompt_accuracy", "gen_prompt_accuracy_heldout",
-                "gen_fid_proxy", "mllm_vqa_acc", "mllm_vqa_acc_heldout", "mllm_caption_acc",
+                "codebook_usage", "effective_bits", "pairwise_mi_bits", "gen_nll_bits", "gen_prompt_accuracy",
+                "gen_prompt_accuracy_heldout", "gen_fid_proxy", "mllm_vqa_acc", "mllm_vqa_acc_heldout", "mllm_caption_acc",
                 "mllm_caption_acc_heldout")
 
 

@@ -108,7 +108,8 @@ def _check_fid(fid: str) -> None:
 def _describe(record: dict) -> str:
     m = record["metrics"]
     parts = [f"{k} {m[k]:.3g}" for k in ("psnr", "zero_shot_top1", "zero_shot_top1_heldout", "fid_proxy",
-                                             "gen_nll_bits", "gen_prompt_accuracy", "mllm_vqa_acc", "mllm_caption_acc") if k in m]
+                                             "gen_nll_bits", "gen_prompt_accuracy", "mllm_vqa_acc",
+                                             "mllm_caption_acc") if k in m]
     return ", ".join(parts) + f" ({record.get('train_seconds', 0):.0f} s training)"
 
 

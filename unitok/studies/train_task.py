@@ -128,7 +128,9 @@ def _run_generator(task: Task, out: Path, run_dir: Path, log: Callable) -> dict:
     start = time.perf_counter()
     tok_dir, device, tokenizer = trained_tokenizer(out, spec)
     peak = matmul_peak(device=device)
-    overrides = [*spec.get("generator_overrides", GENERATOR_STUDY_SETTINGS), f"steps={spec['steps']}", f"seed={spec['seed']}", "eval_every=0",
+    # the generation study's pinned settings, unless the spec names its own (the quantizer study's consumers)
+    overrides = [*spec.get("generator_overrides", GENERATOR_STUDY_SETTINGS), f"steps={spec['steps']}",
+                 f"seed={spec['seed']}", "eval_every=0",
                  f"checkpoint_every={max(10, spec['steps'] // 3)}", f"train_images={spec['train_images']}",
                  f"eval_images={spec['eval_images']}", f"device={spec['tokenizer']['train']['device']}"]
     trainer = GeneratorTrainer.from_tokenizer(tokenizer, tok_dir, data=spec["tokenizer"]["data"]["name"],

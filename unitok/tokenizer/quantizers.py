@@ -38,7 +38,7 @@ __all__ = ["QUANTIZERS", "SUMMED_QUANTIZERS", "build_quantizer", "fsq_levels", "
            "bits_per_token", "ResidualQuantizer", "ScalarQuantizer", "LookupFreeQuantizer", "SimQuantizer"]
 
 QUANTIZERS = ("mcq", "rvq", "fsq", "lfq", "simvq")
-SUMMED_QUANTIZERS = ("rvq",)   # a token's vector is the sum of its sub-codes' vectors; for the others, their concatenation
+SUMMED_QUANTIZERS = ("rvq",)   # a token is the sum of its sub-codes' vectors; for the others, their concatenation
 
 
 def sub_code_dim(quantizer: str, latent_dim: int, num_codebooks: int) -> int:
@@ -90,9 +90,10 @@ def quantizer_problems(cfg) -> list:
     if cfg.quantizer == "fsq":
         levels = tuple(cfg.fsq_levels)
         if levels and (len(levels) != cfg.latent_dim // k or math.prod(levels) != K or min(levels) < 2):
-            problems.append(f"fsq_levels {levels} give {math.prod(levels)} codes ({math.log2(max(1, math.prod(levels))):.2f}"
-                            f" bits) over {len(levels)} dimensions; expected {cfg.latent_dim // k} levels >= 2 whose "
-                            f"product is codebook_size {K} ({math.log2(K):.2f} bits)")
+            codes = math.prod(levels)
+            problems.append(f"fsq_levels {levels} give {codes} codes ({math.log2(max(1, codes)):.2f} bits) over "
+                            f"{len(levels)} dimensions; expected {cfg.latent_dim // k} levels >= 2 whose product is "
+                            f"codebook_size {K} ({math.log2(K):.2f} bits)")
         elif not levels:
             try:
                 fsq_levels(cfg)
