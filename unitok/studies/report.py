@@ -146,8 +146,12 @@ def plot_predictor(records: List[dict], study: str, x_metric: str = "codebook_us
         raise ValueError(f"no cell of study {study!r} has both {x_metric} and one of the metrics to plot")
     settings = list(dict.fromkeys(s for s, _ in cells))
     colours = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, len(y_metrics), figsize=(3.3 * len(y_metrics), 3.0), squeeze=False)
-    for ax, y in zip(axes[0], y_metrics):
+    cols = min(3, len(y_metrics))            # rows of three: readable at a notebook's width
+    fig, axes = plt.subplots(math.ceil(len(y_metrics) / cols), cols, figsize=(3.6 * cols, 3.1 * math.ceil(
+        len(y_metrics) / cols)), squeeze=False)
+    for ax in list(axes.flat)[len(y_metrics):]:
+        ax.axis("off")
+    for ax, y in zip(axes.flat, y_metrics):
         for i, setting in enumerate(settings):
             pts = [(m[x_metric], m[y]) for (s, _), m in cells.items() if s == setting and x_metric in m and y in m]
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colours(i % 10), label=setting, s=22)
