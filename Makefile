@@ -103,13 +103,14 @@ mllm: venv
 
 # Re-run the bundled quantizer study into docs/ablations/quantizers/ (5 quantizers x 3 seeds, each with a generator and
 # a unified model on its codes: about 100 minutes of wall time on a quiet 2-core CPU; see docs/quantizers.md). The
-# runs go to runs/ablate-quantizers (resumable: run it again after a stop); the results and the report are copied.
+# runs go to runs/ablate-quantizers (resumable: run it again after a stop); the results, the report and its figures
+# (the training curves need the run folders, so the report is made there) are copied.
 quantizer-study: venv
 	$(BIN)/python -m unitok.cli ablate quantizers --seeds 3 --steps 200 --model-steps 200 --jobs 2 \
 		--out runs/ablate-quantizers
+	$(BIN)/python -m unitok.cli ablate report runs/ablate-quantizers
 	mkdir -p docs/ablations/quantizers
-	cp runs/ablate-quantizers/results.jsonl runs/ablate-quantizers/ablate.json docs/ablations/quantizers/
-	$(BIN)/python -m unitok.cli ablate report docs/ablations/quantizers
+	cd runs/ablate-quantizers && cp results.jsonl ablate.json report.md *.png ../../docs/ablations/quantizers/
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -76,6 +76,7 @@ def test_quantizer_study_smoke_with_its_consumers(tmp_path, tiny_overrides, monk
     text = report(out)
     assert "#### quantizers: verdicts" not in text          # one seed: no spread, no verdict
     assert "| rvq |" in text
+    assert (out / "quantizers_curves.png").stat().st_size > 1000     # drawn from the run folders' metrics.jsonl
     # a second run finds everything finished
     again = run_ablation("quantizers", seeds=1, steps=2, out=out, overrides=tiny_overrides, fid="none",
                          eval_images=16, device="cpu", log=lambda *_: None)

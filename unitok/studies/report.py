@@ -20,7 +20,8 @@ from .roadmap import plot_roadmap
 from .runner import load_results
 from .verdicts import format_correlations, format_verdicts
 
-__all__ = ["summarize", "format_mean_std", "format_table", "plot_study", "plot_predictor", "report"]
+__all__ = ["summarize", "format_mean_std", "format_table", "plot_study", "plot_predictor", "plot_learning_curves",
+           "report"]
 
 
 def summarize(records: Iterable[dict]) -> List[dict]:
@@ -167,6 +168,67 @@ def plot_predictor(records: List[dict], study: str, x_metric: str = "codebook_us
     return fig
 
 
+# The training curve drawn for each kind of run (a key of its metrics.jsonl lines) and how it is labelled.
+CURVES = {"tokenizer": ("psnr_batch", "tokenizer: batch PSNR (dB)"),
+          "generator": ("bits_per_subcode", "generator: bits per sub-code (train)"),
+          "mllm": ("text_loss", "unified model: text loss (nats, train)")}
+
+
+def plot_learning_curves(path: Union[str, Path], study: str, png: Optional[Union[str, Path]] = None,
+                         smooth: int = 10):
+    """The training curves of a study's runs (their OUT/runs/<key>/metrics.jsonl), one panel per kind of run, one
+    line per setting: the mean over seeds of a `smooth`-step running mean, the band its seeds' range. This is what
+    says whether a study's step count is long enough for its ranking to settle. Returns the figure (and writes `png`).
+    ValueError when no run folder of the study is there (a bundled results file has no run folders)."""
+    import json
+
+    import matplotlib
+    if png is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    path = Path(path)
+    out = path if path.is_dir() else path.parent
+    curves: Dict[tuple, list] = {}
+    for r in load_results(path):
+        kind = r.get("kind", "tokenizer")
+        log = out / r["run"] / "metrics.jsonl"
+        if r["study"] != study or kind not in CURVES or not log.is_file():
+            continue
+        key = CURVES[kind][0]
+        values = [line[key] for line in map(json.loads, log.read_text().splitlines()) if key in line]
+        if values:
+            running = np.convolve(values, np.ones(smooth) / smooth, mode="valid") if len(values) >= smooth \
+                else np.asarray(values)
+            curves.setdefault((kind, r["setting"]), []).append(running)
+    if not curves:
+        raise ValueError(f"no run folder of study {study!r} with a metrics.jsonl under {out / 'runs'}")
+    kinds = [k for k in CURVES if any(kind == k for kind, _ in curves)]
+    settings = list(dict.fromkeys(setting for _, setting in curves))
+    colours = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.2), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for i, setting in enumerate(settings):
+            runs = curves.get((kind, setting))
+            if not runs:
+                continue
+            n = min(len(c) for c in runs)
+            stacked = np.stack([c[:n] for c in runs])
+            steps = np.arange(n) + min(smooth, n)
+            ax.plot(steps, stacked.mean(0), color=colours(i % 10), label=f"{setting} ({len(runs)})", lw=1.2)
+            ax.fill_between(steps, stacked.min(0), stacked.max(0), color=colours(i % 10), alpha=0.15)
+        ax.set_title(CURVES[kind][1], fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{study}: training curves ({smooth}-step running mean over seeds; band: the seeds' range)",
+                 fontsize=9)
+    fig.tight_layout()
+    if png is not None:
+        fig.savefig(png, dpi=110)
+    return fig
+
+
 def report(path: Union[str, Path], out_dir: Optional[Union[str, Path]] = None, plots: bool = True) -> str:
     """Read DIR/results.jsonl (or a results file); write report.md and, per study, ablation_<study>.png (and for
     the roadmap roadmap.png) into `out_dir` (default: the results file's folder). Returns the markdown tables.
@@ -207,10 +269,14 @@ def report(path: Union[str, Path], out_dir: Optional[Union[str, Path]] = None, p
                 continue
             plt.close(fig)
             if STUDIES.get(study) is not None and STUDIES[study].consumers:
-                try:
-                    plt.close(plot_predictor(records, study, png=out_dir / f"{study}_usage.png"))
-                except ValueError:
-                    pass
+                for draw, name in ((lambda: plot_predictor(records, study, png=out_dir / f"{study}_usage.png"),
+                                    "usage"),
+                                   (lambda: plot_learning_curves(path, study, png=out_dir / f"{study}_curves.png"),
+                                    "curves")):
+                    try:
+                        plt.close(draw())
+                    except ValueError:   # nothing to draw: no such metrics, or no run folders (a bundled copy)
+                        pass
         if any(r["study"] == "roadmap" for r in rows):   # and the paper-style figure: ours against the paper's
             plt.close(plot_roadmap(rows, png=out_dir / "roadmap.png"))
     return text
