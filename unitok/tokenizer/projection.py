@@ -49,9 +49,10 @@ class ProjectionAttention(nn.Module):
         if cache is not None:
             if not self.causal:
                 raise ValueError("a projection cache needs causal attention (a later position changes earlier ones)")
-            from ..transformer.causal import append_keys_values   # (decoding only: the tokenizer never caches)
-
-            k, v, past = append_keys_values(cache, k, v)
+            if "k" in cache:
+                past = cache["k"].shape[2]
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
         if past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         elif N == 1:   # one new position sees every cached one

@@ -20,50 +20,16 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 
 
-def append_keys_values(store: dict, k: torch.Tensor, v: torch.Tensor) -> tuple:
-    """Append the keys and values (B, heads, T, head_dim) of T new positions to `store` (a dict) and return
-    (all keys, all values, how many positions were there before).
-
-    The keys live in buffers with room to spare (doubled when full), so appending one position writes one
-    position: growing by `torch.cat` would copy the whole cache at every decoded position (a tenth of the time of
-    drawing a picture). `store["k"]` / `store["v"]` are views of the filled part. For decoding without gradients:
-    a later append writes into the buffer a view of which an earlier step may have kept for backward.
-    """
-    past, T = store.get("length", 0), k.shape[2]
-    buffers = store.get("buffers")
-    if buffers is None or past + T > buffers[0].shape[2] or buffers[0].shape[:2] != k.shape[:2] \
-            or buffers[0].dtype != k.dtype:
-        capacity = max(16, 2 * (past + T))
-        grown = tuple(t.new_empty(t.shape[0], t.shape[1], capacity, t.shape[3]) for t in (k, v))
-        if past:
-            for new, old in zip(grown, buffers):
-                new[:, :, :past] = old[:, :, :past]
-        store["buffers"] = buffers = grown
-    buffers[0][:, :, past:past + T] = k
-    buffers[1][:, :, past:past + T] = v
-    store["length"] = past + T
-    store["k"], store["v"] = buffers[0][:, :, :past + T], buffers[1][:, :, :past + T]
-    return store["k"], store["v"], past
-
-
 class KVCache:
-    """Keys and values of every layer for the positions seen so far (`append_keys_values`, one store per layer);
-    `k[layer]` / `v[layer]` are (B, heads, T, head_dim) views of them."""
+    """Keys and values of every layer for the positions seen so far: lists of (B, heads, T, head_dim)."""
 
     def __init__(self, layers: int):
-        self.stores: List[dict] = [{} for _ in range(layers)]
-
-    @property
-    def k(self) -> List[Optional[torch.Tensor]]:
-        return [store.get("k") for store in self.stores]
-
-    @property
-    def v(self) -> List[Optional[torch.Tensor]]:
-        return [store.get("v") for store in self.stores]
+        self.k: List[Optional[torch.Tensor]] = [None] * layers
+        self.v: List[Optional[torch.Tensor]] = [None] * layers
 
     @property
     def length(self) -> int:
-        return self.stores[0].get("length", 0)
+        return 0 if self.k[0] is None else self.k[0].shape[2]
 
 
 class Attention(nn.Module):
@@ -79,7 +45,10 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         past = 0
         if cache is not None:
-            k, v, past = append_keys_values(cache.stores[layer], k, v)
+            if cache.k[layer] is not None:
+                past = cache.k[layer].shape[2]
+                k, v = torch.cat([cache.k[layer], k], 2), torch.cat([cache.v[layer], v], 2)
+            cache.k[layer], cache.v[layer] = k, v
         drop = self.dropout if self.training else 0.0
         if past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=drop)
