@@ -28,7 +28,7 @@ __all__ = ["SEPARATED_SIGMA", "separation", "verdicts", "format_verdicts", "corr
 
 SEPARATED_SIGMA = 2.0
 # the codebook statistics asked about, and the metrics they might predict (where a study has them)
-PREDICTORS = ("codebook_usage", "perplexity", "effective_bits")
+PREDICTORS = ("codebook_usage", "perplexity", "effective_bits", "pairwise_mi_bits")
 DOWNSTREAM = ("psnr", "fid_proxy", "zero_shot_top1", "zero_shot_top1_heldout", "linear_probe_top1",
               "gen_nll_bits", "gen_prompt_accuracy", "mllm_vqa_acc", "mllm_caption_acc")
 
