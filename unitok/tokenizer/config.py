@@ -42,7 +42,7 @@ class ModelConfig:
     projection_causal: bool = False   # an early reference release used causal attention
     # the quantizer: "mcq" (multi-codebook, UniTok's) or "rvq", "fsq", "lfq", "simvq" (unitok.tokenizer.quantizers)
     quantizer: str = "mcq"
-    fsq_levels: tuple = ()            # fsq only: levels per dimension of a sub-code (product = codebook_size); () = equal
+    fsq_levels: tuple = ()            # fsq only: levels per dimension (their product = codebook_size); () = even
     latent_dim: int = 32
     num_codebooks: int = 8
     codebook_size: int = 256
