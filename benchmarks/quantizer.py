@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -73,11 +74,19 @@ class ReferenceLoopQuantizer(nn.Module):
 
 
 CONTENDERS = ("rvq", "fsq", "lfq", "simvq")
-CONTENDER_LATENT = {"lfq": K_BOOKS * 12}   # one bit per dimension: 8 x log2(4096)
+
+
+def set_codebook_size(codes: int) -> None:
+    """K of every contender (default 4096, the reference's); `--codebook-size` (a smaller K for a quick check)."""
+    global K_CODES
+    if codes < 4 or codes & (codes - 1):
+        raise SystemExit(f"--codebook-size must be a power of 2 >= 4 (LFQ's bits), got {codes}")
+    K_CODES = codes
 
 
 def latent_dim(name):
-    return CONTENDER_LATENT.get(name, DIM)
+    # LFQ: one bit per dimension, 8 x log2(K) (96 at K = 4096); the others keep the 64-d latent
+    return K_BOOKS * int(math.log2(K_CODES)) if name == "lfq" else DIM
 
 
 def build(name):
@@ -86,8 +95,9 @@ def build(name):
         from unitok.tokenizer.config import ModelConfig
         from unitok.tokenizer.quantizers import build_quantizer
         dim = latent_dim(name)
+        # FSQ's levels: K spread evenly over its 8 dimensions (4 x 4 x 4 x 4 x 2 x 2 x 2 x 2 at K = 4096)
         config = ModelConfig(latent_dim=dim, num_codebooks=K_BOOKS, codebook_size=K_CODES, quantizer=name,
-                             width=2 * dim, fsq_levels=(4, 4, 4, 4, 2, 2, 2, 2) if name == "fsq" else ())
+                             width=2 * dim)
         q = build_quantizer(config).train()
 
         def run(z):
@@ -105,7 +115,7 @@ def build(name):
 
         return run, q
     if name == "loop":
-        q = ReferenceLoopQuantizer()
+        q = ReferenceLoopQuantizer(codebook_size=K_CODES)
 
         def run(z):
             z_q, _, loss = q(z)
@@ -166,13 +176,14 @@ def _measure_peak(name, tokens):
     return (_status_kib("VmHWM") - base) / 1024
 
 
-def peak_memory(name, tokens, threads):
+def peak_memory(name, tokens, threads, codes=None):
     """Peak RSS growth (MiB) of one forward + backward, in a fresh interpreter so contenders don't share it."""
     code = f"""
 import sys, torch
 torch.set_num_threads({threads})
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import quantizer as b
+b.set_codebook_size({codes or K_CODES})
 print(b._measure_peak({name!r}, {tokens}))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -193,12 +204,16 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="intra-op threads (default: torch's); 1 gives stable ratios on a machine shared with other "
                          "work, where multi-threaded small kernels wait on each other")
+    ap.add_argument("--codebook-size", type=int, default=K_CODES,
+                    help="codes per sub-codebook for every contender (default 4096, the reference's; a smaller K "
+                         "for a quick check)")
     ap.add_argument("--no-contenders", action="store_true",
                     help="only the three MCQ implementations, not the quantizer study's other quantizers")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_codebook_size(args.codebook_size)
     names = ["unitok", "loop"]
     names.append("vqtorch")   # vector-quantize-pytorch is a dependency of unitok (the quantizer study's contenders)
     contenders = [] if args.no_contenders else list(CONTENDERS)
