@@ -100,7 +100,8 @@ def parse_studies(text: Union[str, Sequence[str]]) -> List[str]:
     unknown = [n for n in names if n not in STUDIES]
     if unknown or not names:
         raise ValueError(f"unknown study {', '.join(map(repr, unknown)) or 'name (none given)'}; expected one of "
-                         f"{', '.join(ORDER)}, a comma-separated list of them, or 'all'")
+                         f"{', '.join(ORDER)}, a comma-separated list of them, or 'all'; or by name: "
+                         f"{', '.join(n for n in STUDIES if n not in ORDER)}")
     return [n for n in ORDER if n in names] + [n for n in STUDIES if n not in ORDER and n in names]
 
 

@@ -136,12 +136,9 @@ def plot_predictor(records: List[dict], study: str, x_metric: str = "codebook_us
         matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from .verdicts import correlations
+    from .verdicts import correlations, joined_cells
 
-    cells: Dict[tuple, dict] = {}
-    for r in records:
-        if r["study"] == study:
-            cells.setdefault((r["setting"], r["seed"]), {}).update(r["metrics"])
+    cells = joined_cells(records, study)
     y_metrics = [y for y in y_metrics if any(y in m and x_metric in m for m in cells.values())]
     if not y_metrics:
         raise ValueError(f"no cell of study {study!r} has both {x_metric} and one of the metrics to plot")

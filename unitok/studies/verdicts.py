@@ -23,8 +23,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from .metrics import METRIC_BY_KEY
 
-__all__ = ["SEPARATED_SIGMA", "separation", "verdicts", "format_verdicts", "correlations", "format_correlations",
-           "PREDICTORS", "DOWNSTREAM"]
+__all__ = ["SEPARATED_SIGMA", "separation", "verdicts", "format_verdicts", "joined_cells", "correlations",
+           "format_correlations", "PREDICTORS", "DOWNSTREAM"]
 
 SEPARATED_SIGMA = 2.0
 # the codebook statistics asked about, and the metrics they might predict (where a study has them)
@@ -89,7 +89,7 @@ def format_verdicts(rows: List[dict], study: str, metrics: Optional[Sequence[str
     return "\n".join(lines) + "\n"
 
 
-def _joined(records: Iterable[dict], study: str) -> Dict[tuple, dict]:
+def joined_cells(records: Iterable[dict], study: str) -> Dict[tuple, dict]:
     """(setting, seed) -> every metric of that cell, from all its records (tokenizer, generator, unified model)."""
     cells: Dict[tuple, dict] = {}
     for r in records:
@@ -123,7 +123,7 @@ def _pearson(x: Sequence[float], y: Sequence[float]) -> float:
 def correlations(records: Iterable[dict], study: str, x_metric: str, y_metric: str) -> dict:
     """Pearson r (with its 95 % Fisher interval) and Spearman rho between two metrics over the (setting, seed) cells
     of `study` that have both: {x, y, n, r, low, high, spearman}."""
-    cells = [m for m in _joined(records, study).values()
+    cells = [m for m in joined_cells(records, study).values()
              if isinstance(m.get(x_metric), (int, float)) and isinstance(m.get(y_metric), (int, float))]
     x = [float(m[x_metric]) for m in cells]
     y = [float(m[y_metric]) for m in cells]
